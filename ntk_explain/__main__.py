@@ -1,0 +1,3 @@
+from ntk_explain.cli import main
+
+main()
