@@ -1,0 +1,153 @@
+"""Empirical NTK variants as Grams of tangent features, computed tile by tile.
+
+For samples x (rows) and x' (columns), with g_k the tangent features of `gradients`:
+
+| kernel   | value                                   | block shape  |
+|----------|-----------------------------------------|--------------|
+| full     | Θ_cc'(x,x') = ⟨g_c(x), g_c'(x')⟩         | (n, m, C, C) |
+| diagonal | K_c(x,x') = ⟨g_c(x), g_c(x')⟩            | (n, m, C)    |
+| trace    | Σ_c ⟨g_c(x), g_c(x')⟩                    | (n, m)       |
+| pseudo   | (1/C)⟨Σ_c g_c(x), Σ_c g_c(x')⟩            | (n, m)       |
+| ck       | ⟨φ(x), φ(x')⟩, φ the penultimate layer   | (n, m)       |
+
+Pseudo is the trace contraction of the K = 1 output Σ_c f_c/√C; ck is the trace contraction of
+φ as a K = 1 feature. A factorised layer contributes Σ_{s,t} ⟨δ_ks, δ'_k't⟩⟨ã_s, ã'_t⟩.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ntk_explain.gradients import Factors, TangentPlan
+from ntk_explain.projections import Projection
+
+KERNELS = ("full", "diagonal", "trace", "pseudo", "ck")
+_CLASS_AXES = {"trace": "", "diagonal": "k", "full": "kl"}
+
+
+def contraction(kernel: str) -> str:
+    """How the K output axes are combined: 'full', 'diagonal' or 'trace'."""
+    return kernel if kernel in ("full", "diagonal") else "trace"
+
+
+def output_map(kernel: str) -> str:
+    """The output map of `gradients`: the scaled logit sum for pseudo, the logits otherwise."""
+    return "pseudo" if kernel == "pseudo" else "logits"
+
+
+def _indices(how: str, pairwise: bool) -> tuple[str, str, str]:
+    """Einsum letters: the right sample, the right class, and the output axes."""
+    right = "m" if pairwise else "n"
+    return right, "l" if how == "full" else "k", ("nm" if pairwise else "n") + _CLASS_AXES[how]
+
+
+def feature_gram(a: Tensor, b: Tensor | None, how: str) -> Tensor:
+    """Inner products of features a (n, K, X) with b (m, K, X) → (n, m, …); b None: self (n, …)."""
+    right, right_class, out = _indices(how, b is not None)
+    return torch.einsum(f"nkx,{right}{right_class}x->{out}", a, a if b is None else b)
+
+
+def factor_gram(delta_a: Tensor, in_a: Tensor, delta_b: Tensor | None, in_b: Tensor | None, how: str) -> Tensor:
+    """Σ_{s,t} ⟨δ_ks(x), δ_k't(x')⟩ ⟨ã_s(x), ã_t(x')⟩ for δ (n, K, S, O), ã (n, S, I); b None: self."""
+    pairwise = delta_b is not None
+    right, right_class, out = _indices(how, pairwise)
+    rows = "nm" if pairwise else "n"
+    deltas = torch.einsum(f"nkso,{right}{right_class}to->{out}st", delta_a, delta_b if pairwise else delta_a)
+    inputs = torch.einsum(f"nsi,{right}ti->{rows}st", in_a, in_b if pairwise else in_a)
+    return torch.einsum(f"{out}st,{rows}st->{out}", deltas, inputs)
+
+
+def gram(a: Factors, b: Factors | None, how: str) -> Tensor:
+    """Kernel block between the samples of `a` and `b` (b None: each sample with itself)."""
+    total = feature_gram(a.dense, None if b is None else b.dense, how)
+    for index, (delta, inputs) in enumerate(zip(a.deltas, a.inputs, strict=True)):
+        other = (None, None) if b is None else (b.deltas[index], b.inputs[index])
+        total = total + factor_gram(delta, inputs, *other, how)
+    return total
+
+
+def project(plan: TangentPlan, factors: Factors, projection: Projection, block_numel: int) -> Tensor:
+    """Projected features R g_k (n, K, d) of `factors`, R's columns in θ order (`plan.params`).
+
+    Factorised layers form their gradient Σ_s δ_s ã_sᵀ a block of output rows at a time, so no more
+    than about `block_numel` gradient entries exist at once.
+    """
+    n, k = factors.n, plan.outputs
+    out = factors.dense.new_zeros((n, k, projection.dim))
+    offsets = plan.offsets()
+    step = max(1, block_numel // max(1, n * k))
+    column = 0
+    for name in plan.dense:
+        size = plan.params[name].numel()
+        for start in range(0, size, step):
+            stop = min(size, start + step)
+            projection.add_projection(out, factors.dense[:, :, column + start : column + stop], offsets[name] + start)
+        column += size
+    for layer, delta, inputs in zip(plan.layers, factors.deltas, factors.inputs, strict=True):
+        width = inputs.shape[-1]
+        rows = max(1, step // width)
+        for r0 in range(0, layer.out_features, rows):
+            r1 = min(layer.out_features, r0 + rows)
+            grads = torch.einsum("nkso,nsi->nkoi", delta[..., r0:r1], inputs)
+            if layer.weight:
+                weight = grads[..., : layer.in_features].reshape(n, k, -1)
+                projection.add_projection(out, weight, offsets[layer.weight] + r0 * layer.in_features)
+            if layer.bias:
+                projection.add_projection(out, grads[..., -1], offsets[layer.bias] + r0)
+    return out
+
+
+def mirror(block: Tensor) -> Tensor:
+    """The block of (x', x) from that of (x, x'): swap the sample axes and the class axes."""
+    return block.permute(1, 0, *reversed(range(2, block.dim())))
+
+
+@dataclass
+class Tiles:
+    """A set of n samples seen in row tiles, their features kept in memory when `keep`."""
+
+    featurize: Callable[[int, int], Factors]
+    n: int
+    tile: int
+    keep: bool
+
+    def __post_init__(self) -> None:
+        self._kept: dict[int, Factors] = {}
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        return [(s, min(self.n, s + self.tile)) for s in range(0, self.n, self.tile)]
+
+    def get(self, start: int, stop: int) -> Factors:
+        if start in self._kept:
+            return self._kept[start]
+        factors = self.featurize(start, stop)
+        if self.keep:
+            self._kept[start] = factors
+        return factors
+
+
+def kernel_blocks(rows: Tiles, cols: Tiles | None, how: str) -> Iterator[tuple[slice, slice, Tensor]]:
+    """Blocks (row slice, column slice, block) of the rows × cols Gram.
+
+    cols None: the symmetric rows × rows Gram, each off-diagonal block computed once and mirrored.
+    """
+    for r0, r1 in rows.bounds:
+        a = rows.get(r0, r1)
+        for c0, c1 in (cols or rows).bounds:
+            if cols is None and c0 < r0:
+                continue
+            block = gram(a, (cols or rows).get(c0, c1), how)
+            yield slice(r0, r1), slice(c0, c1), block
+            if cols is None and c0 != r0:
+                yield slice(c0, c1), slice(r0, r1), mirror(block)
+
+
+def self_kernel(tiles: Tiles, how: str) -> Iterator[tuple[slice, Tensor]]:
+    """K(x, x) of every sample, tile by tile: (n,), (n, C) or (n, C, C)."""
+    for start, stop in tiles.bounds:
+        yield slice(start, stop), gram(tiles.get(start, stop), None, how)

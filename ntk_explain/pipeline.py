@@ -1,0 +1,234 @@
+"""The compute stage: data → tangent features → kernel blocks → the run file.
+
+Work is tiled in row tiles of the data sets; a tile's features are kept in memory for reuse only
+when all of them fit the budget, and the kernel is written block by block, so peak memory follows
+the memory budget rather than N.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ntk_explain import store
+from ntk_explain.gradients import Factors, penultimate, plan_tangents, tangent_factors
+from ntk_explain.kernels import KERNELS, Tiles, contraction, kernel_blocks, output_map, project, self_kernel
+from ntk_explain.loading import Dataset
+from ntk_explain.projections import PROJECTIONS, Projection
+
+DEFAULT_DIMS = {"pseudo": 4096, "trace": 10240, "diagonal": 10240, "full": 10240}
+_CLASS_DIMS = {"trace": (), "diagonal": ("class",), "full": ("class", "class")}
+
+
+class Progress(Protocol):
+    def start(self, description: str, total: int) -> None: ...
+
+    def advance(self, steps: int = 1) -> None: ...
+
+
+class Silent:
+    """A Progress that reports nothing."""
+
+    def start(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel to compute: its variant, projection and parameter selection."""
+
+    kernel: str
+    projection: str = "none"
+    dim: int | None = None
+    seed: int = 0
+    params: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}")
+
+    @property
+    def projected(self) -> bool:
+        """ck is a feature kernel already: it is never projected."""
+        return self.projection != "none" and self.kernel != "ck"
+
+    @property
+    def proj_dim(self) -> int:
+        return (self.dim or DEFAULT_DIMS[self.kernel]) if self.projected else 0
+
+    @property
+    def name(self) -> str:
+        """The group name under /kernel: `trace`, or `trace-gaussian-4096` when projected."""
+        return f"{self.kernel}-{self.projection}-{self.proj_dim}" if self.projected else self.kernel
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Where and within how many bytes the work runs."""
+
+    device: torch.device
+    bytes: int
+    batch_size: int | None = None
+
+
+def network_logits(model: nn.Module, x: Tensor, budget: Budget) -> Tensor:
+    """f_θ(x) (N, C) in eval mode, in batches, on CPU."""
+    batch = budget.batch_size or 1024
+    with torch.no_grad():
+        return torch.cat([model(x[s : s + batch].to(budget.device)).cpu() for s in range(0, len(x), batch)])
+
+
+def write_data(run: h5py.File, split: str, data: Dataset, logits: Tensor) -> None:
+    """/data/<split>/: labels, index into the source file, network logits."""
+    group = run.require_group(f"data/{split}")
+    store.write_array(group, "labels", data.y.numpy(), (split,))
+    store.write_array(group, "index", data.index, (split,))
+    store.write_array(group, "nn_logits", logits.numpy(), (split, "class"))
+    store.set_attrs(group, {"source": data.source, "sha256": data.sha256})
+
+
+def _tile_size(n: int, per_sample: int, per_pair: int, budget: Budget) -> int:
+    """Rows per tile: featurising a tile takes ≤ 1/2 the budget, a Gram block ≤ 1/4."""
+    by_features = budget.bytes // (2 * max(1, per_sample))
+    by_blocks = math.isqrt(budget.bytes // (4 * max(1, per_pair)))
+    return max(1, min(n, budget.batch_size or n, by_features, by_blocks))
+
+
+@dataclass(frozen=True)
+class Featurizer:
+    """Features of a kernel for a batch of inputs, with its memory estimates in bytes."""
+
+    featurize: Callable[[Tensor], Factors]
+    classes: int  # size of each class axis of the kernel (1 for pseudo and ck)
+    work_bytes: int  # per sample, while featurising
+    kept_bytes: int  # per sample, of the features kept
+    pair_bytes: int  # per (row, column) pair of a Gram block
+    attrs: dict
+
+
+def featurizer(model: nn.Module, spec: KernelSpec, example: Tensor, budget: Budget) -> Featurizer:
+    """The featurizer of `spec` for inputs like `example` (one sample, on the budget's device)."""
+    itemsize = example.element_size()
+    if spec.kernel == "ck":
+        width = penultimate(model, example[None]).shape[-1]
+        return Featurizer(lambda x: Factors(penultimate(model, x)[:, None, :], (), ()), 1,
+                          4 * itemsize * width, itemsize * width, 3 * itemsize, {})
+    plan = plan_tangents(model, example, output_map(spec.kernel), spec.params)
+    k = plan.outputs
+    dense = sum(plan.params[n].numel() for n in plan.dense)
+    kept = k * dense + sum(layer.sites * (k * layer.out_features + layer.in_features + 1) for layer in plan.layers)
+    sites = max((layer.sites for layer in plan.layers), default=1)
+    work = 2 * (k + 1) * plan.activation_numel + 2 * kept
+    attrs = {"n_params": plan.n_params, "outputs": k,
+             "factorised": [layer.module for layer in plan.layers] or [""]}
+    if not spec.projected:
+        return Featurizer(lambda x: tangent_factors(model, plan, x), k, itemsize * work, itemsize * kept,
+                          itemsize * 3 * k * k * sites * sites, attrs)
+    projection = Projection(spec.projection, spec.proj_dim, spec.seed)
+    block_numel = max(1, budget.bytes // (8 * itemsize))
+
+    def featurize(x: Tensor) -> Factors:
+        return Factors(project(plan, tangent_factors(model, plan, x), projection, block_numel), (), ())
+
+    return Featurizer(featurize, k, itemsize * (work + k * spec.proj_dim), itemsize * k * spec.proj_dim,
+                      itemsize * 3 * k * k, attrs)
+
+
+def _write_kernel(
+    group: h5py.Group,
+    how: str,
+    train: Tiles,
+    test: Tiles | None,
+    classes: int,
+    dtype: np.dtype,
+    progress: Progress,
+) -> None:
+    """diag_train, train_train, then diag_test, test_train: written block by block."""
+    extra = _CLASS_DIMS[how]
+    shape = (classes,) * len(extra)
+    sets = [("train", train, None)] + ([("test", test, train)] if test is not None else [])
+    for split, rows, cols in sets:
+        ncols = (cols or rows).n
+        diag = store.create_rows(group, f"diag_{split}", (rows.n, *shape), dtype, (split, *extra))
+        gram = store.create_rows(group, f"{split}_train", (rows.n, ncols, *shape), dtype,
+                                 (split, "train", *extra))
+        blocks = len(rows.bounds) * len((cols or rows).bounds)
+        progress.start(f"{group.name} {split}×train", blocks + len(rows.bounds))
+        for where, values in self_kernel(rows, how):
+            diag[where] = values.cpu().numpy()
+            progress.advance()
+        for r, c, block in kernel_blocks(rows, cols, how):
+            gram[r, c] = block.cpu().numpy()
+            progress.advance(1 if cols is not None or r.start <= c.start else 0)
+
+
+def _np(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def _stored(dataset: h5py.Dataset, device: torch.device) -> Callable[[int, int], Factors]:
+    """Rows [start, stop) of stored features (n, K, d), as dense Factors."""
+    return lambda start, stop: Factors(torch.from_numpy(dataset[start:stop]).to(device), (), ())
+
+
+def _store_features(group: h5py.Group, features: Featurizer, sets: list[Tensor], tile: int,
+                    device: torch.device, progress: Progress) -> list[h5py.Dataset]:
+    """Projected features R g_k of every set, tile by tile, into features/<split> (n, K, d)."""
+    datasets = []
+    for split, x in zip(("train", "test"), sets, strict=False):
+        progress.start(f"{group.name} features {split}", len(x))
+        dataset = None
+        for start in range(0, len(x), tile):
+            stop = min(len(x), start + tile)
+            values = features.featurize(x[start:stop].to(device)).dense.cpu().numpy()
+            if dataset is None:
+                dataset = store.create_rows(group, f"features/{split}", (len(x), *values.shape[1:]),
+                                            values.dtype, (split, "output", "proj"))
+            dataset[start:stop] = values
+            progress.advance(stop - start)
+        datasets.append(dataset)
+    return datasets
+
+
+def compute_kernel(
+    run: h5py.File,
+    model: nn.Module,
+    spec: KernelSpec,
+    train: Tensor,
+    test: Tensor | None,
+    budget: Budget,
+    progress: Progress | None = None,
+) -> dict:
+    """Write /kernel/<spec.name>/ for the train (and test) inputs; returns its attrs."""
+    progress = progress or Silent()
+    group = run.create_group(f"kernel/{spec.name}")
+    sets = [train] + ([test] if test is not None else [])
+    features = featurizer(model, spec, train[0].to(budget.device), budget)
+    tile = _tile_size(len(train), features.work_bytes, features.pair_bytes, budget)
+    keep = sum(len(x) for x in sets) * features.kept_bytes <= budget.bytes // 4
+    if spec.projected:
+        datasets = _store_features(group, features, sets, tile, budget.device, progress)
+        tiles = [Tiles(_stored(ds, budget.device), ds.shape[0], tile, keep) for ds in datasets]
+    else:
+        tiles = [Tiles(lambda s, e, x=x: features.featurize(x[s:e].to(budget.device)), len(x), tile, keep)
+                 for x in sets]
+    _write_kernel(group, contraction(spec.kernel), tiles[0], tiles[1] if len(tiles) > 1 else None,
+                  features.classes, _np(train.dtype), progress)
+    attrs = {"kernel": spec.kernel, "projection": spec.projection if spec.projected else "none",
+             "proj_dim": spec.proj_dim, "seed": spec.seed, "params": json.dumps(spec.params or ["*"]),
+             **features.attrs, "tile": tile, "complete": True}
+    store.set_attrs(group, attrs)
+    return attrs

@@ -1,0 +1,59 @@
+"""Devices and memory budgets."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ntk_explain.errors import UsageError
+
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+DEFAULT_FRACTION = 0.5
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:i`."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as error:
+        raise UsageError(f"--device {spec!r} is not a device (use auto, cpu, cuda or cuda:i)") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {spec!r} is not supported (use auto, cpu, cuda or cuda:i)")
+    return device
+
+
+def parse_bytes(text: str) -> int:
+    """'2GB', '512MiB', '1.5G' or a plain byte count → bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match and match.group(2).upper()
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise UsageError(f"--max-memory {text!r} is not a size (e.g. 2GB, 512MiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on `device`: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def memory_budget(device: torch.device, limit: str | None) -> int:
+    """Bytes the work may use: `limit` when given, else a safe fraction of the free memory."""
+    return parse_bytes(limit) if limit else int(DEFAULT_FRACTION * available_bytes(device))

@@ -1,0 +1,151 @@
+"""Every kernel against the float64 jacrev reference, through the tiled pipeline into HDF5."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from ntk_explain import store
+from ntk_explain.gradients import penultimate, plan_tangents, tangent_factors
+from ntk_explain.kernels import gram, output_map, project
+from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel
+from ntk_explain.projections import Projection
+from tests import reference
+from tests.models import MODELS
+
+TOL = 1e-8
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def data(name: str, n: int, seed: int) -> torch.Tensor:
+    shape = MODELS[name][1]
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def computed(tmp_path, model, spec, train, test, batch_size=None, max_memory=2**30):
+    path = tmp_path / f"{spec.name}-{batch_size}.h5"
+    with store.create_run(path, overwrite=True, attrs={}) as run:
+        compute_kernel(run, model, spec, train, test, Budget(torch.device("cpu"), max_memory, batch_size))
+    with h5py.File(path) as run:
+        group = run[f"kernel/{spec.name}"]
+        return {name: group[name][()] for name in ("train_train", "test_train", "diag_train", "diag_test")}, dict(
+            group.attrs
+        )
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("kind", ["full", "diagonal", "trace", "pseudo"])
+def test_exact_kernels_match_jacrev(tmp_path, name, kind):
+    model = MODELS[name][0]()
+    train, test = data(name, 7, 0), data(name, 4, 1)
+    # batch_size 3: several tiles, so off-diagonal blocks are mirrored and features recomputed or kept
+    got, attrs = computed(tmp_path, model, KernelSpec(kind), train, test, batch_size=3)
+    j_train, j_test = reference.jacobian(model, train), reference.jacobian(model, test)
+    assert rel(got["train_train"], reference.kernel(j_train, j_train, kind)) < TOL
+    assert rel(got["test_train"], reference.kernel(j_test, j_train, kind)) < TOL
+    assert rel(got["diag_train"], reference.self_kernel(j_train, kind)) < TOL
+    assert rel(got["diag_test"], reference.self_kernel(j_test, kind)) < TOL
+    assert attrs["complete"] and attrs["n_params"] == j_train.shape[2]
+
+
+def test_structured_layers_are_chosen_per_layer():
+    """Linear and the one-site conv are factorised; convs with many sites use Jacobian contraction."""
+    cnn = MODELS["cnn"][0]()
+    plan = plan_tangents(cnn, data("cnn", 1, 0)[0])
+    assert [layer.module for layer in plan.layers] == ["6", "9"]
+    assert {"0.weight", "1.weight", "3.weight", "4.bias"} <= set(plan.dense)
+    twice = plan_tangents(MODELS["twice"][0](), data("twice", 1, 0)[0])
+    assert [(layer.module, layer.sites) for layer in twice.layers] == [("inner", 2), ("head", 1)]
+
+
+def test_params_glob_restricts_the_kernel(tmp_path):
+    model = MODELS["mlp"][0]()
+    train, test = data("mlp", 6, 0), data("mlp", 3, 1)
+    got, attrs = computed(tmp_path, model, KernelSpec("trace", params=("5.*", "1.bias")), train, test)
+    names = ("1.bias", "5.weight", "5.bias")
+    j_train, j_test = reference.jacobian(model, train, names), reference.jacobian(model, test, names)
+    assert attrs["n_params"] == j_train.shape[2] == 8 + 8 * 3 + 3
+    assert rel(got["test_train"], reference.kernel(j_test, j_train, "trace")) < TOL
+
+
+def test_conjugate_kernel(tmp_path):
+    model = MODELS["cnn"][0]()
+    train, test = data("cnn", 5, 0), data("cnn", 3, 1)
+    got, _ = computed(tmp_path, model, KernelSpec("ck"), train, test, batch_size=2)
+    with torch.no_grad():
+        phi_train, phi_test = model[:-1](train), model[:-1](test)
+    assert torch.equal(penultimate(model, train), phi_train)
+    assert rel(got["train_train"], phi_train @ phi_train.T) < TOL
+    assert rel(got["test_train"], phi_test @ phi_train.T) < TOL
+    assert rel(got["diag_test"], (phi_test**2).sum(1)) < TOL
+
+
+def test_tiles_do_not_change_the_kernel(tmp_path):
+    model = MODELS["twice"][0]()
+    train, test = data("twice", 9, 0), data("twice", 5, 1)
+    one, _ = computed(tmp_path, model, KernelSpec("full"), train, test)
+    # a budget so small that every tile is one row and nothing is kept
+    tiled, attrs = computed(tmp_path, model, KernelSpec("full"), train, test, max_memory=1)
+    assert attrs["tile"] == 1
+    for key, value in one.items():
+        np.testing.assert_allclose(tiled[key], value, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sparse"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_projected_features_are_R_times_the_jacobian(name, kind):
+    """R g for every sample and output, R formed explicitly from its columns (small P only)."""
+    model = MODELS[name][0]()
+    x = data(name, 4, 0)
+    plan = plan_tangents(model, x[0])
+    projection = Projection(kind, 64, seed=3)
+    got = project(plan, tangent_factors(model, plan, x), projection, block_numel=50)
+    jac = reference.jacobian(model, x)
+    columns = projection.columns(0, plan.n_params, torch.device("cpu"))
+    if kind == "sparse":
+        matrix = torch.zeros(64, plan.n_params, dtype=torch.float64)
+        matrix[columns[0], torch.arange(plan.n_params)] = columns[1].double()
+    else:
+        matrix = columns.double()
+    assert rel(got, jac @ matrix.T) < 1e-12
+
+
+def test_projection_columns_do_not_depend_on_the_range():
+    projection = Projection("gaussian", 300, seed=5)
+    whole = projection.columns(0, 20000, torch.device("cpu"))
+    parts = torch.cat([projection.columns(a, min(20000, a + 777), torch.device("cpu")) for a in range(0, 20000, 777)], 1)
+    assert torch.equal(whole, parts)
+    assert not torch.equal(whole, Projection("gaussian", 300, seed=6).columns(0, 20000, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sparse"])
+def test_projected_kernels_are_unbiased(tmp_path, kind):
+    """The mean over 8 seeds is much closer to the exact kernel than one seed is (error ~ 1/√seeds)."""
+    model = MODELS["mlp"][0]()
+    train, test = data("mlp", 6, 0), data("mlp", 3, 1)
+    j_train = reference.jacobian(model, train)
+    exact = reference.kernel(j_train, j_train, "trace").numpy()
+    runs = [computed(tmp_path, model, KernelSpec("trace", kind, 32, seed), train, test)[0]["train_train"]
+            for seed in range(8)]
+    single = np.mean([rel(run, exact) for run in runs])
+    mean = rel(np.mean(runs, axis=0), exact)
+    assert mean < 0.6 * single
+    assert mean < 0.2
+
+
+def test_projected_cnn_cosine_trace_kernel_is_accurate(tmp_path):
+    """Acceptance: cosine-normalised projected trace kernel of the CNN, d = 4096, error < 0.1."""
+    model = MODELS["cnn"][0]()
+    train, test = data("cnn", 12, 0), data("cnn", 6, 1)
+    got, attrs = computed(tmp_path, model, KernelSpec("trace", "gaussian", 4096), train, test)
+    j_train, j_test = reference.jacobian(model, train), reference.jacobian(model, test)
+    exact = store.cosine_normalize(reference.kernel(j_test, j_train, "trace").numpy(),
+                                   reference.self_kernel(j_test, "trace").numpy(),
+                                   reference.self_kernel(j_train, "trace").numpy())
+    approx = store.cosine_normalize(got["test_train"], got["diag_test"], got["diag_train"])
+    assert attrs["proj_dim"] == 4096 and attrs["projection"] == "gaussian"
+    assert rel(approx, exact) < 0.1
