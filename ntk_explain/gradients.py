@@ -236,9 +236,7 @@ def tangent_factors(model: nn.Module, plan: TangentPlan, x: Tensor) -> Factors:
     factorised = {n: plan.params[n].detach() for layer in plan.layers for n in (layer.weight, layer.bias) if n}
     dense = {n: plan.params[n].detach() for n in plan.dense}
     n = x.shape[0]
-    eps = tuple(
-        tuple(x.new_zeros((n, *shape)) for shape in layer.call_shapes) for layer in plan.layers
-    )
+    eps = tuple(tuple(x.new_zeros((n, *shape)) for shape in layer.call_shapes) for layer in plan.layers)
 
     def outputs(dense_params: dict[str, Tensor], eps_one: tuple, x_one: Tensor) -> tuple:
         record: dict[str, list] = {}
@@ -251,9 +249,7 @@ def tangent_factors(model: nn.Module, plan: TangentPlan, x: Tensor) -> Factors:
         )
         return _output_map(logits[0], plan.output), inputs
 
-    (jac_dense, jac_eps), inputs = vmap(jacrev(outputs, argnums=(0, 1), has_aux=True), (None, 0, 0))(
-        dense, eps, x
-    )
+    (jac_dense, jac_eps), inputs = vmap(jacrev(outputs, argnums=(0, 1), has_aux=True), (None, 0, 0))(dense, eps, x)
     k = plan.outputs
     dense_cols = [jac_dense[name].reshape(n, k, -1) for name in plan.dense]
     deltas = tuple(

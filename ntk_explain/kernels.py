@@ -73,13 +73,14 @@ def gram(a: Factors, b: Factors | None, how: str) -> Tensor:
 def project(plan: TangentPlan, factors: Factors, projection: Projection, block_numel: int) -> Tensor:
     """Projected features R g_k (n, K, d) of `factors`, R's columns in θ order (`plan.params`).
 
-    Factorised layers form their gradient Σ_s δ_s ã_sᵀ a block of output rows at a time, so no more
-    than about `block_numel` gradient entries exist at once.
+    Gradients are projected a block of columns at a time (a factorised layer forms Σ_s δ_s ã_sᵀ a
+    block of output rows at a time), so no more than about `block_numel` gradient entries and as many
+    entries of R exist at once.
     """
     n, k = factors.n, plan.outputs
     out = factors.dense.new_zeros((n, k, projection.dim))
     offsets = plan.offsets()
-    step = max(1, block_numel // max(1, n * k))
+    step = max(1, block_numel // max(n * k, projection.dim))  # bounds both the gradient and the R block
     column = 0
     for name in plan.dense:
         size = plan.params[name].numel()

@@ -124,27 +124,45 @@ def featurizer(model: nn.Module, spec: KernelSpec, example: Tensor, budget: Budg
     itemsize = example.element_size()
     if spec.kernel == "ck":
         width = penultimate(model, example[None]).shape[-1]
-        return Featurizer(lambda x: Factors(penultimate(model, x)[:, None, :], (), ()), 1,
-                          4 * itemsize * width, itemsize * width, 3 * itemsize, {})
+        return Featurizer(
+            featurize=lambda x: Factors(penultimate(model, x)[:, None, :], (), ()),
+            classes=1,
+            work_bytes=4 * itemsize * width,
+            kept_bytes=itemsize * width,
+            pair_bytes=3 * itemsize,
+            attrs={},
+        )
     plan = plan_tangents(model, example, output_map(spec.kernel), spec.params)
     k = plan.outputs
+    entries = {"trace": 1, "diagonal": k, "full": k * k}[contraction(spec.kernel)]  # per (row, column) pair
     dense = sum(plan.params[n].numel() for n in plan.dense)
     kept = k * dense + sum(layer.sites * (k * layer.out_features + layer.in_features + 1) for layer in plan.layers)
     sites = max((layer.sites for layer in plan.layers), default=1)
     work = 2 * (k + 1) * plan.activation_numel + 2 * kept
-    attrs = {"n_params": plan.n_params, "outputs": k,
-             "factorised": [layer.module for layer in plan.layers] or [""]}
+    attrs = {"n_params": plan.n_params, "outputs": k, "factorised": [layer.module for layer in plan.layers] or [""]}
     if not spec.projected:
-        return Featurizer(lambda x: tangent_factors(model, plan, x), k, itemsize * work, itemsize * kept,
-                          itemsize * 3 * k * k * sites * sites, attrs)
+        return Featurizer(
+            featurize=lambda x: tangent_factors(model, plan, x),
+            classes=k,
+            work_bytes=itemsize * work,
+            kept_bytes=itemsize * kept,
+            pair_bytes=itemsize * 3 * entries * sites * sites,
+            attrs=attrs,
+        )
     projection = Projection(spec.projection, spec.proj_dim, spec.seed)
     block_numel = max(1, budget.bytes // (8 * itemsize))
 
     def featurize(x: Tensor) -> Factors:
         return Factors(project(plan, tangent_factors(model, plan, x), projection, block_numel), (), ())
 
-    return Featurizer(featurize, k, itemsize * (work + k * spec.proj_dim), itemsize * k * spec.proj_dim,
-                      itemsize * 3 * k * k, attrs)
+    return Featurizer(
+        featurize=featurize,
+        classes=k,
+        work_bytes=itemsize * (work + k * spec.proj_dim),
+        kept_bytes=itemsize * k * spec.proj_dim,
+        pair_bytes=itemsize * 3 * entries,
+        attrs=attrs,
+    )
 
 
 def _write_kernel(
@@ -163,8 +181,7 @@ def _write_kernel(
     for split, rows, cols in sets:
         ncols = (cols or rows).n
         diag = store.create_rows(group, f"diag_{split}", (rows.n, *shape), dtype, (split, *extra))
-        gram = store.create_rows(group, f"{split}_train", (rows.n, ncols, *shape), dtype,
-                                 (split, "train", *extra))
+        gram = store.create_rows(group, f"{split}_train", (rows.n, ncols, *shape), dtype, (split, "train", *extra))
         blocks = len(rows.bounds) * len((cols or rows).bounds)
         progress.start(f"{group.name} {split}×train", blocks + len(rows.bounds))
         for where, values in self_kernel(rows, how):
@@ -184,8 +201,14 @@ def _stored(dataset: h5py.Dataset, device: torch.device) -> Callable[[int, int],
     return lambda start, stop: Factors(torch.from_numpy(dataset[start:stop]).to(device), (), ())
 
 
-def _store_features(group: h5py.Group, features: Featurizer, sets: list[Tensor], tile: int,
-                    device: torch.device, progress: Progress) -> list[h5py.Dataset]:
+def _store_features(
+    group: h5py.Group,
+    features: Featurizer,
+    sets: list[Tensor],
+    tile: int,
+    device: torch.device,
+    progress: Progress,
+) -> list[h5py.Dataset]:
     """Projected features R g_k of every set, tile by tile, into features/<split> (n, K, d)."""
     datasets = []
     for split, x in zip(("train", "test"), sets, strict=False):
@@ -195,8 +218,13 @@ def _store_features(group: h5py.Group, features: Featurizer, sets: list[Tensor],
             stop = min(len(x), start + tile)
             values = features.featurize(x[start:stop].to(device)).dense.cpu().numpy()
             if dataset is None:
-                dataset = store.create_rows(group, f"features/{split}", (len(x), *values.shape[1:]),
-                                            values.dtype, (split, "output", "proj"))
+                dataset = store.create_rows(
+                    group,
+                    f"features/{split}",
+                    (len(x), *values.shape[1:]),
+                    values.dtype,
+                    (split, "output", "proj"),
+                )
             dataset[start:stop] = values
             progress.advance(stop - start)
         datasets.append(dataset)
@@ -223,12 +251,27 @@ def compute_kernel(
         datasets = _store_features(group, features, sets, tile, budget.device, progress)
         tiles = [Tiles(_stored(ds, budget.device), ds.shape[0], tile, keep) for ds in datasets]
     else:
-        tiles = [Tiles(lambda s, e, x=x: features.featurize(x[s:e].to(budget.device)), len(x), tile, keep)
-                 for x in sets]
-    _write_kernel(group, contraction(spec.kernel), tiles[0], tiles[1] if len(tiles) > 1 else None,
-                  features.classes, _np(train.dtype), progress)
-    attrs = {"kernel": spec.kernel, "projection": spec.projection if spec.projected else "none",
-             "proj_dim": spec.proj_dim, "seed": spec.seed, "params": json.dumps(spec.params or ["*"]),
-             **features.attrs, "tile": tile, "complete": True}
+        tiles = [
+            Tiles(lambda s, e, x=x: features.featurize(x[s:e].to(budget.device)), len(x), tile, keep) for x in sets
+        ]
+    _write_kernel(
+        group,
+        contraction(spec.kernel),
+        tiles[0],
+        tiles[1] if len(tiles) > 1 else None,
+        features.classes,
+        _np(train.dtype),
+        progress,
+    )
+    attrs = {
+        "kernel": spec.kernel,
+        "projection": spec.projection if spec.projected else "none",
+        "proj_dim": spec.proj_dim,
+        "seed": spec.seed,
+        "params": json.dumps(spec.params or ["*"]),
+        **features.attrs,
+        "tile": tile,
+        "complete": True,
+    }
     store.set_attrs(group, attrs)
     return attrs

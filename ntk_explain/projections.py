@@ -46,8 +46,11 @@ class Projection:
         g = self._generator(index, device)
         if self.kind == "gaussian":
             return torch.randn(self.dim, self.chunk, generator=g, device=device) / math.sqrt(self.dim)
-        signs = torch.randint(0, 2, (self.dim if self.kind == "rademacher" else 1, self.chunk),
-                              generator=g, device=device) * 2 - 1
+        signs = (
+            torch.randint(0, 2, (self.dim if self.kind == "rademacher" else 1, self.chunk), generator=g, device=device)
+            * 2
+            - 1
+        )
         if self.kind == "rademacher":
             return signs.float() / math.sqrt(self.dim)
         rows = torch.randint(0, self.dim, (1, self.chunk), generator=g, device=device)

@@ -6,17 +6,27 @@ from torch import nn
 
 def mlp(classes: int = 3) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, classes)).double().eval()
+    return (
+        nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, classes))
+        .double()
+        .eval()
+    )
 
 
 def cnn(classes: int = 3) -> nn.Module:
     """Inputs (1, 4, 4); the last conv sees 2×2 → 1×1, so it has one site and is factorised."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 6, 2, stride=2), nn.BatchNorm2d(6), nn.Tanh(),
-        nn.Conv2d(6, 5, 2), nn.Flatten(), nn.Tanh(), nn.Linear(5, classes),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 2, stride=2),
+        nn.BatchNorm2d(6),
+        nn.Tanh(),
+        nn.Conv2d(6, 5, 2),
+        nn.Flatten(),
+        nn.Tanh(),
+        nn.Linear(5, classes),
     ).double()
     for bn in (model[1], model[4]):
         bn.running_mean.normal_()

@@ -7,7 +7,7 @@ import torch
 
 from ntk_explain import store
 from ntk_explain.gradients import penultimate, plan_tangents, tangent_factors
-from ntk_explain.kernels import gram, output_map, project
+from ntk_explain.kernels import project
 from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel
 from ntk_explain.projections import Projection
 from tests import reference
@@ -117,7 +117,9 @@ def test_projected_features_are_R_times_the_jacobian(name, kind):
 def test_projection_columns_do_not_depend_on_the_range():
     projection = Projection("gaussian", 300, seed=5)
     whole = projection.columns(0, 20000, torch.device("cpu"))
-    parts = torch.cat([projection.columns(a, min(20000, a + 777), torch.device("cpu")) for a in range(0, 20000, 777)], 1)
+    parts = torch.cat(
+        [projection.columns(a, min(20000, a + 777), torch.device("cpu")) for a in range(0, 20000, 777)], 1
+    )
     assert torch.equal(whole, parts)
     assert not torch.equal(whole, Projection("gaussian", 300, seed=6).columns(0, 20000, torch.device("cpu")))
 
@@ -129,8 +131,10 @@ def test_projected_kernels_are_unbiased(tmp_path, kind):
     train, test = data("mlp", 6, 0), data("mlp", 3, 1)
     j_train = reference.jacobian(model, train)
     exact = reference.kernel(j_train, j_train, "trace").numpy()
-    runs = [computed(tmp_path, model, KernelSpec("trace", kind, 32, seed), train, test)[0]["train_train"]
-            for seed in range(8)]
+    runs = [
+        computed(tmp_path, model, KernelSpec("trace", kind, 32, seed), train, test)[0]["train_train"]
+        for seed in range(8)
+    ]
     single = np.mean([rel(run, exact) for run in runs])
     mean = rel(np.mean(runs, axis=0), exact)
     assert mean < 0.6 * single
@@ -143,9 +147,11 @@ def test_projected_cnn_cosine_trace_kernel_is_accurate(tmp_path):
     train, test = data("cnn", 12, 0), data("cnn", 6, 1)
     got, attrs = computed(tmp_path, model, KernelSpec("trace", "gaussian", 4096), train, test)
     j_train, j_test = reference.jacobian(model, train), reference.jacobian(model, test)
-    exact = store.cosine_normalize(reference.kernel(j_test, j_train, "trace").numpy(),
-                                   reference.self_kernel(j_test, "trace").numpy(),
-                                   reference.self_kernel(j_train, "trace").numpy())
+    exact = store.cosine_normalize(
+        reference.kernel(j_test, j_train, "trace").numpy(),
+        reference.self_kernel(j_test, "trace").numpy(),
+        reference.self_kernel(j_train, "trace").numpy(),
+    )
     approx = store.cosine_normalize(got["test_train"], got["diag_test"], got["diag_train"])
     assert attrs["proj_dim"] == 4096 and attrs["projection"] == "gaussian"
     assert rel(approx, exact) < 0.1

@@ -1,0 +1,350 @@
+"""The `ntk-explain` command line: parses options, calls the library, reports (SPEC §7)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import save_file
+
+from ntk_explain import store, zoo
+from ntk_explain.errors import NtkExplainError, OutOfMemoryError, UsageError
+from ntk_explain.kernels import KERNELS
+from ntk_explain.loading import check_model_on_data, load_dataset, load_model
+from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel, network_logits, write_data
+from ntk_explain.projections import PROJECTIONS
+from ntk_explain.resources import memory_budget, resolve_device
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Explain trained PyTorch networks through their empirical neural tangent kernel.",
+)
+stderr = Console(stderr=True)
+
+Projection = Enum("Projection", {p: p for p in PROJECTIONS}, type=str)  # type: ignore[misc]
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show the traceback of a failure.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
+
+
+def reported(command: Callable) -> Callable:
+    """Turn expected failures into one stderr line and the exit codes of SPEC §7."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except Exception as error:
+            if kwargs.get("debug"):
+                raise
+            raise typer.Exit(_exit_code(error)) from None
+        except KeyboardInterrupt:
+            stderr.print("interrupted", style="red", highlight=False)
+            raise typer.Exit(130) from None
+
+    return run
+
+
+def _exit_code(error: Exception) -> int:
+    if isinstance(error, NtkExplainError):
+        message, code = str(error), error.exit_code
+    elif isinstance(error, torch.OutOfMemoryError | MemoryError):
+        message, code = str(OutOfMemoryError("out of memory: lower --max-memory or --batch-size")), 4
+    else:
+        message, code = f"unexpected failure: {type(error).__name__}: {error} (rerun with --debug)", 1
+    first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    stderr.print(f"error: {first_line}", style="red", highlight=False, markup=False, soft_wrap=True)
+    return code
+
+
+class RichProgress:
+    """The library's Progress as a rich bar on stderr."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar, self.task = bar, None
+
+    def start(self, description: str, total: int) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=self.bar.tasks[self.task].total)
+        self.task = self.bar.add_task(description, total=total)
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.advance(self.task, steps)
+
+
+def _progress_bar(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        disable=quiet or not sys.stderr.isatty(),
+        transient=False,
+    )
+
+
+def _split_list(text: str | None, option: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    bad = [item for item in items if allowed is not None and item not in allowed]
+    if not items or bad:
+        raise UsageError(f"{option} {text!r}: expected a comma-separated list of {', '.join(allowed or ('globs',))}")
+    return items
+
+
+def _json_object(text: str | None, option: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{option} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise UsageError(f"{option} must be a JSON object")
+    return value
+
+
+def run_compute(
+    *,
+    model: str,
+    train: str,
+    out: Path,
+    test: str | None = None,
+    weights: str | None = None,
+    model_kwargs: str | None = None,
+    kernel: str = "trace",
+    projection: str = "none",
+    proj_dim: int | None = None,
+    params: str | None = None,
+    x_key: str = "x",
+    y_key: str = "y",
+    n_train: int | None = None,
+    n_test: int | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    batch_size: int | None = None,
+    max_memory: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Load, validate, and write the run file with every requested kernel; returns a summary."""
+    store.check_target(out, overwrite=overwrite)
+    kernels = _split_list(kernel, "--kernel", KERNELS)
+    globs = _split_list(params, "--params")
+    if proj_dim is not None and proj_dim < 1:
+        raise UsageError("--proj-dim must be positive")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError("--batch-size must be positive")
+    torch_device = resolve_device(device)
+    torch_dtype = getattr(torch, dtype)
+    budget = Budget(torch_device, memory_budget(torch_device, max_memory), batch_size)
+    loaded = load_model(model, _json_object(model_kwargs, "--model-kwargs"), weights)
+    net = loaded.module.to(device=torch_device, dtype=torch_dtype).eval()
+    data = {"train": load_dataset(train, "train", x_key=x_key, y_key=y_key, dtype=torch_dtype, limit=n_train)}
+    if test:
+        data["test"] = load_dataset(test, "test", x_key=x_key, y_key=y_key, dtype=torch_dtype, limit=n_test)
+    classes = max(check_model_on_data(net, d) for d in data.values())
+    specs = [KernelSpec(k, projection, proj_dim, seed, globs) for k in kernels]
+    options = {
+        "model": model,
+        "model_kwargs": _json_object(model_kwargs, "--model-kwargs"),
+        "weights": weights,
+        "train": train,
+        "test": test,
+        "kernel": list(kernels),
+        "projection": projection,
+        "proj_dim": proj_dim,
+        "params": list(globs or ["*"]),
+        "device": str(torch_device),
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "max_memory": budget.bytes,
+        "seed": seed,
+        "n_train": n_train,
+        "n_test": n_test,
+    }
+    attrs = store.provenance(
+        sys.argv,
+        options,
+        str(torch_device),
+        seed,
+        loaded.model_sha256,
+        loaded.weights_sha256,
+        {split: d.sha256 for split, d in data.items()},
+    )
+    started = time.perf_counter()
+    summary: dict = {"out": str(out), "device": str(torch_device), "classes": classes, "kernels": {}}
+    with _progress_bar(quiet) as bar, store.create_run(out, overwrite=overwrite, attrs=attrs) as run:
+        progress = RichProgress(bar)
+        for split, dataset in data.items():
+            write_data(run, split, dataset, network_logits(net, dataset.x, budget))
+            summary[f"n_{split}"] = len(dataset.x)
+        for spec in specs:
+            began = time.perf_counter()
+            kernel_attrs = compute_kernel(
+                run, net, spec, data["train"].x, data["test"].x if "test" in data else None, budget, progress
+            )
+            summary["kernels"][spec.name] = {**kernel_attrs, "seconds": round(time.perf_counter() - began, 3)}
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _report(summary: dict, as_json: bool, quiet: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, default=str))
+    elif not quiet:
+        kernels = ", ".join(summary["kernels"])
+        typer.echo(
+            f"wrote {summary['out']}: {kernels} for {summary['n_train']} train"
+            f"{' and ' + str(summary['n_test']) + ' test' if 'n_test' in summary else ''} points"
+            f" in {summary['seconds']:.1f}s"
+        )
+
+
+@app.command()
+@reported
+def compute(
+    model: Annotated[str, typer.Option(help="pkg.module:factory, zoo:NAME (mlp, cnn) or a torch.export .pt2 file.")],
+    train: Annotated[str, typer.Option(help="Training data: .npz, .safetensors, .h5 (arrays x, y) or zoo:digits.")],
+    out: Annotated[Path, typer.Option(help="The run file (HDF5) to write.")],
+    test: Annotated[str | None, typer.Option(help="Data to explain (rows of test_train).")] = None,
+    weights: Annotated[str | None, typer.Option(help=".safetensors, or .pt/.pth (loaded weights_only).")] = None,
+    model_kwargs: Annotated[str | None, typer.Option(help="JSON object of factory arguments.")] = None,
+    kernel: Annotated[str, typer.Option(help=f"Comma-separated kernels: {', '.join(KERNELS)}.")] = "trace",
+    projection: Annotated[Projection, typer.Option(help="Random projection of the gradients.")] = "none",
+    proj_dim: Annotated[int | None, typer.Option(help="Projection dimension (default 10240; pseudo 4096).")] = None,
+    params: Annotated[str | None, typer.Option(help="Parameter globs, e.g. 'fc.*' (default: all).")] = None,
+    x_key: Annotated[str, typer.Option(help="Name of the input array in data files.")] = "x",
+    y_key: Annotated[str, typer.Option(help="Name of the label array in data files.")] = "y",
+    n_train: Annotated[int | None, typer.Option(help="Use only the first N training points.", min=1)] = None,
+    n_test: Annotated[int | None, typer.Option(help="Use only the first M test points.", min=1)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:i.")] = "auto",
+    dtype: Annotated[DType, typer.Option(help="Computation and storage precision.")] = DType.float32,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Most rows per tile (default: from the memory budget).", min=1)
+    ] = None,
+    max_memory: Annotated[
+        str | None, typer.Option(help="Memory budget, e.g. 2GB (default: half the free memory).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random projection.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    quiet: Quiet = False,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Compute eNTK kernels (train×train, test×train and self-kernel diagonals) into a run file."""
+    summary = run_compute(
+        model=model,
+        train=train,
+        out=out,
+        test=test,
+        weights=weights,
+        model_kwargs=model_kwargs,
+        kernel=kernel,
+        projection=Projection(projection).value,
+        proj_dim=proj_dim,
+        params=params,
+        x_key=x_key,
+        y_key=y_key,
+        n_train=n_train,
+        n_test=n_test,
+        device=device,
+        dtype=DType(dtype).value,
+        batch_size=batch_size,
+        max_memory=max_memory,
+        seed=seed,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    _report(summary, as_json, quiet)
+
+
+@app.command()
+@reported
+def info(
+    run: Annotated[Path, typer.Argument(help="A run file written by ntk-explain.")],
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Show what a run file holds: provenance, groups and datasets."""
+    if as_json:
+        typer.echo(json.dumps({"attrs": store.root_attrs(run), "items": store.summarize(run)}, default=str))
+    else:
+        Console().print(store.info_table(run))
+
+
+@app.command()
+@reported
+def demo(
+    out: Annotated[Path, typer.Option(help="The run file to write; the weights go beside it.")] = Path("runs/demo.h5"),
+    kernel: Annotated[str, typer.Option(help="Comma-separated kernels.")] = "trace,pseudo,ck",
+    projection: Annotated[Projection, typer.Option(help="Random projection of the gradients.")] = "none",
+    epochs: Annotated[int, typer.Option(help="Training epochs.", min=1)] = 30,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:i.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of training and projection.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing demo files.")] = False,
+    quiet: Quiet = False,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Train the zoo CNN on the built-in digits, save its weights, and compute its eNTK end to end."""
+    weights = out.with_suffix(".safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path in (out, weights):
+        store.check_target(path, overwrite=overwrite)
+    train, test = load_dataset("zoo:digits", "train"), load_dataset("zoo:digits", "test")
+    torch.manual_seed(seed)
+    began = time.perf_counter()
+    model = zoo.train_classifier(zoo.make_cnn(), train.x, train.y, epochs=epochs, seed=seed)
+    trained = time.perf_counter() - began
+    with torch.no_grad():
+        accuracy = (model(test.x).argmax(1) == test.y).double().mean().item()
+    save_file(model.state_dict(), str(weights))
+    if not quiet and not as_json:
+        stderr.print(
+            f"trained zoo:cnn on zoo:digits in {trained:.1f}s: test accuracy {accuracy:.3f}; weights in {weights}",
+            highlight=False,
+        )
+    summary = run_compute(
+        model="zoo:cnn",
+        weights=str(weights),
+        train="zoo:digits",
+        test="zoo:digits",
+        out=out,
+        kernel=kernel,
+        projection=Projection(projection).value,
+        device=device,
+        seed=seed,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    summary.update(weights=str(weights), test_accuracy=round(accuracy, 4), train_seconds=round(trained, 2))
+    _report(summary, as_json, quiet)
+    if not quiet and not as_json:
+        Console().print(store.info_table(out))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,436 @@
+"""The run file: one HDF5 file per run, written atomically, validated on open (SPEC §6).
+
+The library never prints; :func:`info_table` builds a rich table that the CLI prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from rich.table import Table
+
+from ntk_explain import __version__
+from ntk_explain.errors import BadInputError
+
+FORMAT = "ntk-explain"
+FORMAT_VERSION = 1
+
+CHUNK_BYTES = 1 << 20  # target size of one chunk (~1 MiB)
+CACHE_BYTES = 64 << 20  # per-file chunk cache, so tile writes rarely re-read a chunk
+GZIP_LEVEL = 4
+KERNEL_BLOCKS = ("train_train", "test_train")
+# Root attributes shown by `info`; the others (params, hashes, versions) are in `info --json`.
+INFO_ROOT_KEYS = ("format_version", "ntk_explain_version", "created", "device", "seed")
+
+
+# --------------------------------------------------------------------------------------------------
+# Provenance and attributes
+
+
+def _dist_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def provenance(
+    command: list[str],
+    params: dict,
+    device: str,
+    seed: int,
+    model_sha256: str,
+    weights_sha256: str | None,
+    data_sha256: dict[str, str] | str,
+) -> dict:
+    """The root attributes of a run file (SPEC §6); JSON-valued ones are JSON strings."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ntk_explain_version": __version__,
+        "torch_version": _dist_version("torch"),
+        "numpy_version": np.__version__,
+        "h5py_version": h5py.version.version,
+        "hdf5_version": h5py.version.hdf5_version,
+        "command": json.dumps([str(a) for a in command]),
+        "params": json.dumps(params, sort_keys=True, default=str),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "device": str(device),
+        "model_sha256": model_sha256,
+        "weights_sha256": weights_sha256 or "",
+        "data_sha256": data_sha256 if isinstance(data_sha256, str) else json.dumps(data_sha256, sort_keys=True),
+        "seed": int(seed),
+    }
+
+
+def _attr_value(value: Any) -> Any:
+    """An HDF5-storable form of ``value``: None -> "", mappings -> JSON, paths -> str."""
+    if value is None:
+        return ""
+    if isinstance(value, Mapping):
+        return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return np.array(value, dtype=h5py.string_dtype())
+    return value
+
+
+def set_attrs(obj: h5py.Group | h5py.Dataset, attrs: Mapping[str, Any]) -> None:
+    """Set attributes on ``obj``, converting None, mappings and paths to storable values."""
+    for key, value in attrs.items():
+        obj.attrs[key] = _attr_value(value)
+
+
+def _py(value: Any) -> Any:
+    """A JSON-friendly Python value for an HDF5 attribute value."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return [_py(v) for v in value.tolist()]
+    if isinstance(value, list):
+        return [_py(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _attrs_dict(obj: h5py.Group | h5py.Dataset) -> dict[str, Any]:
+    return {key: _py(obj.attrs[key]) for key in obj.attrs}
+
+
+# --------------------------------------------------------------------------------------------------
+# Opening, creating and updating run files
+
+
+def _validate(f: h5py.File, path: Path) -> None:
+    fmt = _py(f.attrs.get("format", ""))
+    if fmt != FORMAT:
+        raise BadInputError(f"{path}: not an ntk-explain run file (no format={FORMAT!r} attribute)")
+    version = _py(f.attrs.get("format_version", 0))
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise BadInputError(
+            f"{path}: run file format version {version} is newer than this ntk-explain supports "
+            f"({FORMAT_VERSION}); upgrade ntk-explain"
+        )
+
+
+def _open_hdf5(path: Path, mode: str) -> h5py.File:
+    """Open ``path`` as HDF5, turning every failure into a one-line BadInputError."""
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file")
+    if not path.is_file():
+        raise BadInputError(f"{path}: not a file")
+    try:
+        return h5py.File(path, mode, rdcc_nbytes=CACHE_BYTES)
+    except OSError as exc:
+        reason = "not an HDF5 file" if not h5py.is_hdf5(path) else str(exc).splitlines()[0]
+        raise BadInputError(f"{path}: cannot open run file: {reason}") from exc
+
+
+def open_run(path: str | os.PathLike) -> h5py.File:
+    """Open a run file read-only after checking it is an ntk-explain run file; the caller closes it."""
+    path = Path(path)
+    f = _open_hdf5(path, "r")
+    try:
+        _validate(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def _discard(tmp: Path, f: h5py.File | None) -> None:
+    if f is not None:
+        with contextlib.suppress(Exception):  # the original error matters more than a failing close
+            f.close()
+    tmp.unlink(missing_ok=True)
+
+
+def _commit(tmp: Path, f: h5py.File, path: Path) -> None:
+    f.flush()
+    f.close()
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def check_target(path: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuse an output path that is a directory, exists (without overwrite) or has no directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"{path} is a directory")
+    if path.exists() and not overwrite:
+        raise BadInputError(f"{path} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise BadInputError(f"{path.parent}: no such directory")
+
+
+@contextmanager
+def create_run(path: str | os.PathLike, *, overwrite: bool, attrs: Mapping[str, Any]) -> Iterator[h5py.File]:
+    """Write a new run file atomically: yields a file open for writing under a temporary name.
+
+    On success it is renamed onto ``path``; on any exception (KeyboardInterrupt included) the temporary
+    file is deleted, an existing ``path`` is left untouched and the exception propagates.
+    """
+    path = Path(path)
+    check_target(path, overwrite=overwrite)
+    tmp = _partial_path(path)
+    f = None
+    try:
+        f = h5py.File(tmp, "w", rdcc_nbytes=CACHE_BYTES)
+        set_attrs(f, attrs)
+        yield f
+        _commit(tmp, f, path)
+    except BaseException:
+        _discard(tmp, f)
+        raise
+
+
+@contextmanager
+def update_run(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Add to an existing run file atomically: yields a writable copy, renamed onto ``path`` on success.
+
+    On any exception the copy is deleted and the original file is left unchanged.
+    """
+    path = Path(path)
+    open_run(path).close()
+    tmp = _partial_path(path)
+    f = None
+    try:
+        shutil.copyfile(path, tmp)
+        f = h5py.File(tmp, "r+", rdcc_nbytes=CACHE_BYTES)
+        yield f
+        _commit(tmp, f, path)
+    except BaseException:
+        _discard(tmp, f)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _itemsize(dtype: Any) -> int:
+    size = np.dtype(dtype).itemsize
+    return size if size > 0 and np.dtype(dtype).kind != "O" else 16
+
+
+def _chunks(shape: tuple[int, ...], itemsize: int, row_chunk: int | None) -> tuple[int, ...]:
+    """Chunk shape: whole trailing axes and as many rows as fit ~1 MiB (at least one row).
+
+    When a single row is larger than that, the row is split along its leading axes instead.
+    """
+    dims = [max(1, d) for d in shape]
+    if row_chunk is not None:
+        return (max(1, min(row_chunk, dims[0])), *dims[1:])
+    budget = max(1, CHUNK_BYTES // itemsize)  # elements per chunk
+    row = math.prod(dims[1:])
+    if row <= budget:
+        return (min(dims[0], budget // row), *dims[1:])
+    chunk = [1] * len(dims)
+    for k in range(1, len(dims)):
+        inner = math.prod(dims[k + 1 :])
+        if inner <= budget:
+            chunk[k] = max(1, min(dims[k], budget // inner))
+            chunk[k + 1 :] = dims[k + 1 :]
+            break
+    return tuple(chunk)
+
+
+def create_rows(
+    group: h5py.Group,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: Any,
+    dims: Sequence[str],
+    row_chunk: int | None = None,
+) -> h5py.Dataset:
+    """Create an empty dataset chunked along rows, gzip+shuffle, with a ``dims`` attribute.
+
+    Meant to be filled tile by tile (``ds[r0:r1, c0:c1] = tile``); unwritten entries read as 0.
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(dims) != len(shape):
+        raise ValueError(f"dims {tuple(dims)} do not match the {len(shape)} axes of shape {shape}")
+    if not shape:
+        ds = group.create_dataset(name, shape=(), dtype=dtype)
+    else:
+        maxshape = tuple(None if d == 0 else d for d in shape)
+        ds = group.create_dataset(
+            name,
+            shape=shape,
+            dtype=dtype,
+            maxshape=maxshape,
+            chunks=_chunks(shape, _itemsize(dtype), row_chunk),
+            compression="gzip",
+            compression_opts=GZIP_LEVEL,
+            shuffle=True,
+        )
+    ds.attrs["dims"] = np.array([str(d) for d in dims], dtype=h5py.string_dtype())
+    return ds
+
+
+def write_array(
+    group: h5py.Group,
+    name: str,
+    array: np.ndarray,
+    dims: Sequence[str],
+    row_chunk: int | None = None,
+) -> h5py.Dataset:
+    """Write ``array`` in one shot as a row-chunked, compressed dataset with a ``dims`` attribute."""
+    array = np.asarray(array)
+    dtype: Any = array.dtype
+    if array.dtype.kind in "UO":
+        dtype = h5py.string_dtype()
+        array = array.astype(object)
+    ds = create_rows(group, name, array.shape, dtype, dims, row_chunk)
+    if array.size:
+        ds[...] = array
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def root_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """The root attributes of a run file as Python values (JSON-valued ones stay JSON strings)."""
+    with open_run(path) as f:
+        return _attrs_dict(f)
+
+
+def summarize(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """A walk of the run file: one JSON-friendly dict per group or dataset, root first.
+
+    Keys: ``path``, ``kind`` ("group"/"dataset"), ``shape``, ``dtype``, ``dims`` (None for groups)
+    and ``attrs`` (every other attribute; for the root, the provenance).
+    """
+    with open_run(path) as f:
+        items = [_describe("/", f)]
+        f.visititems(lambda name, obj: items.append(_describe("/" + name, obj)))
+    return items
+
+
+def _describe(name: str, obj: h5py.Group | h5py.Dataset) -> dict[str, Any]:
+    attrs = _attrs_dict(obj)
+    dims = attrs.pop("dims", None)
+    is_ds = isinstance(obj, h5py.Dataset)
+    return {
+        "path": name,
+        "kind": "dataset" if is_ds else "group",
+        "shape": list(obj.shape) if is_ds else None,
+        "dtype": str(obj.dtype) if is_ds else None,
+        "dims": dims,
+        "attrs": attrs,
+    }
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def info_table(path: str | os.PathLike) -> Table:
+    """A rich table of the run file's groups and datasets (the CLI prints it)."""
+    items = summarize(path)
+    table = Table(title=str(path), title_justify="left")
+    for column in ("path", "kind", "shape", "dtype", "dims", "attrs"):
+        table.add_column(column, overflow="fold")
+    for item in items:
+        attrs = item["attrs"]
+        if item["path"] == "/":
+            attrs = {k: attrs[k] for k in INFO_ROOT_KEYS if k in attrs}
+        table.add_row(
+            item["path"],
+            item["kind"],
+            "" if item["shape"] is None else "×".join(map(str, item["shape"])) or "scalar",
+            item["dtype"] or "",
+            "" if item["dims"] is None else ", ".join(item["dims"]),
+            "  ".join(f"{k}={_short(v)}" for k, v in attrs.items()),
+        )
+    return table
+
+
+def _kernel_dataset(f: h5py.File, path: Path, name: str, key: str) -> np.ndarray:
+    group = f.get(f"kernel/{name}")
+    if not isinstance(group, h5py.Group):
+        available = sorted(f["kernel"]) if isinstance(f.get("kernel"), h5py.Group) else []
+        raise BadInputError(f"{path}: no kernel {name!r} (available: {', '.join(available) or 'none'})")
+    ds = group.get(key)
+    if not isinstance(ds, h5py.Dataset):
+        raise BadInputError(f"{path}: kernel {name!r} has no {key!r} dataset")
+    return ds[()]
+
+
+def _inv_sqrt(diag: np.ndarray) -> np.ndarray:
+    """1/sqrt(d) elementwise, 0 where d <= 0 (a zero self-kernel leaves its entries 0, not NaN)."""
+    out = np.zeros(diag.shape, dtype=np.result_type(diag.dtype, np.float32))
+    positive = diag > 0
+    out[positive] = 1.0 / np.sqrt(diag[positive])
+    return out
+
+
+def _class_diag(diag: np.ndarray, kernel_ndim: int) -> np.ndarray:
+    """Per-class self-kernels (n, C) from a stored diagonal; 'full' stores (n, C, C) self blocks."""
+    if kernel_ndim == 4 and diag.ndim == 3:
+        return np.einsum("ncc->nc", diag)
+    return diag
+
+
+def cosine_normalize(kernel: np.ndarray, diag_rows: np.ndarray, diag_cols: np.ndarray) -> np.ndarray:
+    """Cosine-normalise a kernel block given the self-kernels of its row and column points.
+
+    Shapes: (N,M) with diags (N,), (M,); 'diagonal' (N,M,C) with (N,C), (M,C); 'full' (N,M,C,C)
+    with (N,C,C), (M,C,C) self blocks (or their (N,C) diagonals): Θ_cc'(x,x')/sqrt(Θ_cc(x,x) Θ_c'c'(x',x')).
+    """
+    r = _inv_sqrt(_class_diag(np.asarray(diag_rows), kernel.ndim))
+    c = _inv_sqrt(_class_diag(np.asarray(diag_cols), kernel.ndim))
+    classes = kernel.shape[2:3]
+    if kernel.ndim not in (2, 3, 4) or r.shape != kernel.shape[:1] + classes or c.shape != kernel.shape[1:2] + classes:
+        raise BadInputError(f"kernel of shape {kernel.shape} does not match self-kernel shapes {r.shape}, {c.shape}")
+    if kernel.ndim == 2:
+        scale = r[:, None] * c[None, :]
+    elif kernel.ndim == 3:
+        scale = r[:, None, :] * c[None, :, :]
+    else:
+        scale = r[:, None, :, None] * c[None, :, None, :]
+    return (kernel * scale).astype(np.result_type(kernel.dtype, np.float32), copy=False)
+
+
+def read_kernel(path: str | os.PathLike, name: str, block: str = "train_train", normalize: bool = False) -> np.ndarray:
+    """Read ``/kernel/<name>/<block>``; with ``normalize`` apply cosine normalisation on read.
+
+    ``block`` is "train_train" or "test_train" (rows = test points, columns = train points).
+    An incomplete kernel (attr ``complete`` false) is refused.
+    """
+    if block not in KERNEL_BLOCKS:
+        raise BadInputError(f"unknown kernel block {block!r} (expected one of {', '.join(KERNEL_BLOCKS)})")
+    path = Path(path)
+    with open_run(path) as f:
+        kernel = _kernel_dataset(f, path, name, block)
+        if not bool(f[f"kernel/{name}"].attrs.get("complete", True)):
+            raise BadInputError(f"{path}: kernel {name!r} is incomplete; rerun compute with --resume")
+        if not normalize:
+            return kernel
+        diag_cols = _kernel_dataset(f, path, name, "diag_train")
+        diag_rows = diag_cols if block == "train_train" else _kernel_dataset(f, path, name, "diag_test")
+    return cosine_normalize(kernel, diag_rows, diag_cols)
