@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -346,5 +347,11 @@ def demo(
         Console().print(store.info_table(out))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    """Entry point: SIGTERM stops like Ctrl-C (exit 130, nothing half-written)."""
+    signal.signal(signal.SIGTERM, _interrupt)
     app()

@@ -25,6 +25,7 @@ from ntk_explain.loading import Dataset
 from ntk_explain.projections import PROJECTIONS, Projection
 
 DEFAULT_DIMS = {"pseudo": 4096, "trace": 10240, "diagonal": 10240, "full": 10240}
+MAX_TILE = 4096  # default cap on rows per tile, so that progress is reported often enough
 _CLASS_DIMS = {"trace": (), "diagonal": ("class",), "full": ("class", "class")}
 
 
@@ -101,10 +102,10 @@ def write_data(run: h5py.File, split: str, data: Dataset, logits: Tensor) -> Non
 
 
 def _tile_size(n: int, per_sample: int, per_pair: int, budget: Budget) -> int:
-    """Rows per tile: featurising a tile takes ≤ 1/2 the budget, a Gram block ≤ 1/4."""
+    """Rows per tile: featurising a tile takes ≤ 1/2 the budget, a Gram block ≤ 1/4; `MAX_TILE` by default."""
     by_features = budget.bytes // (2 * max(1, per_sample))
     by_blocks = math.isqrt(budget.bytes // (4 * max(1, per_pair)))
-    return max(1, min(n, budget.batch_size or n, by_features, by_blocks))
+    return max(1, min(n, budget.batch_size or MAX_TILE, by_features, by_blocks))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ is drawn from a generator seeded by (seed, j) on the compute device, so any colu
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,37 +39,40 @@ class Projection:
         """Columns per generator chunk."""
         return max(1, _CHUNK_ELEMENTS // self.dim) if self.kind != "sparse" else _CHUNK_ELEMENTS
 
-    def _generator(self, index: int, device: torch.device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(self.seed * 0x9E3779B1 + index)
+    @property
+    def scale(self) -> float:
+        """R = scale · Z with Z the drawn N(0, 1) or ±1 entries (1/√d), or 1 for the CountSketch."""
+        return 1.0 if self.kind == "sparse" else 1 / math.sqrt(self.dim)
 
     def _draw(self, index: int, device: torch.device) -> Tensor:
-        """Chunk `index`: dense (d, chunk) float32 entries, or sparse (2, chunk) int64 rows and signs."""
-        g = self._generator(index, device)
+        """Chunk `index` of Z: dense (d, chunk) float32, or for sparse (2, chunk) int64 rows and signs."""
+        g = torch.Generator(device=device).manual_seed(self.seed * 0x9E3779B1 + index)
         if self.kind == "gaussian":
-            return torch.randn(self.dim, self.chunk, generator=g, device=device) / math.sqrt(self.dim)
-        signs = (
-            torch.randint(0, 2, (self.dim if self.kind == "rademacher" else 1, self.chunk), generator=g, device=device)
-            * 2
-            - 1
-        )
+            return torch.randn(self.dim, self.chunk, generator=g, device=device)
         if self.kind == "rademacher":
-            return signs.float() / math.sqrt(self.dim)
-        rows = torch.randint(0, self.dim, (1, self.chunk), generator=g, device=device)
-        return torch.cat([rows, signs])
+            bits = torch.randint(0, 2, (self.dim, self.chunk), generator=g, device=device, dtype=torch.int8)
+            return bits.float().mul_(2).sub_(1)
+        rows = torch.randint(0, self.dim, (self.chunk,), generator=g, device=device)
+        signs = torch.randint(0, 2, (self.chunk,), generator=g, device=device) * 2 - 1
+        return torch.stack([rows, signs])
+
+    def _pieces(self, start: int, stop: int, device: torch.device) -> Iterator[tuple[int, int, Tensor]]:
+        """(first, last, Z's columns) covering columns [start, stop), positions relative to `start`."""
+        for index in range(start // self.chunk, (stop - 1) // self.chunk + 1):
+            low, high = max(start, index * self.chunk), min(stop, (index + 1) * self.chunk)
+            chunk_start = index * self.chunk
+            yield low - start, high - start, self._draw(index, device)[:, low - chunk_start : high - chunk_start]
 
     def columns(self, start: int, stop: int, device: torch.device) -> Tensor:
-        """Columns [start, stop) of R: (d, stop − start), or for sparse (2, stop − start)."""
-        first, last = start // self.chunk, (stop - 1) // self.chunk
-        pieces = [self._draw(j, device) for j in range(first, last + 1)]
-        block = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
-        offset = start - first * self.chunk
-        return block[:, offset : offset + stop - start]
+        """Columns [start, stop) of R: (d, stop − start), or for sparse (2, stop − start) rows and signs."""
+        block = torch.cat([piece for _, _, piece in self._pieces(start, stop, device)], dim=1)
+        return block if self.kind == "sparse" else block * self.scale
 
     def add_projection(self, out: Tensor, grads: Tensor, start: int) -> None:
         """out += grads @ R[:, start:start+c]ᵀ for grads (..., c) and out (..., d), in place."""
-        cols = self.columns(start, start + grads.shape[-1], grads.device)
-        if self.kind == "sparse":
-            rows, signs = cols
-            out.index_add_(out.dim() - 1, rows, grads * signs.to(grads.dtype))
-        else:
-            out.add_(grads @ cols.to(grads.dtype).T)
+        for first, last, piece in self._pieces(start, start + grads.shape[-1], grads.device):
+            part = grads[..., first:last]
+            if self.kind == "sparse":
+                out.index_add_(out.dim() - 1, piece[0], part * piece[1].to(part.dtype))
+            else:
+                out.add_(part @ piece.to(part.dtype).T, alpha=self.scale)

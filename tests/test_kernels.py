@@ -155,3 +155,39 @@ def test_projected_cnn_cosine_trace_kernel_is_accurate(tmp_path):
     approx = store.cosine_normalize(got["test_train"], got["diag_test"], got["diag_train"])
     assert attrs["proj_dim"] == 4096 and attrs["projection"] == "gaussian"
     assert rel(approx, exact) < 0.1
+
+
+def test_projected_features_do_not_depend_on_tiles_or_budget(tmp_path):
+    """The same seed gives the same stored features whatever the tile size and memory budget."""
+    model = MODELS["cnn"][0]()
+    train, test = data("cnn", 7, 0), data("cnn", 3, 1)
+    spec = KernelSpec("pseudo", "gaussian", 48, seed=11)
+    paths = []
+    for batch_size, max_memory in ((None, 2**30), (2, 2**14)):
+        path = tmp_path / f"run-{batch_size}.h5"
+        with store.create_run(path, overwrite=True, attrs={}) as run:
+            compute_kernel(run, model, spec, train, test, Budget(torch.device("cpu"), max_memory, batch_size))
+        paths.append(path)
+    with h5py.File(paths[0]) as one, h5py.File(paths[1]) as other:
+        assert one["kernel/pseudo-gaussian-48"].attrs["tile"] != other["kernel/pseudo-gaussian-48"].attrs["tile"]
+        for split in ("train", "test"):
+            a, b = (
+                one[f"kernel/pseudo-gaussian-48/features/{split}"][()],
+                other[f"kernel/pseudo-gaussian-48/features/{split}"][()],
+            )
+            assert a.shape == (len(train) if split == "train" else len(test), 1, 48)
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_exported_program_kernel(tmp_path):
+    """A torch.export archive has no nn.Linear modules left: every parameter takes the Jacobian path."""
+    from ntk_explain.loading import load_model
+
+    model = MODELS["cnn"][0]()
+    train, test = data("cnn", 5, 0), data("cnn", 3, 1)
+    program = torch.export.export(model, (train,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, tmp_path / "cnn.pt2")
+    exported = load_model(str(tmp_path / "cnn.pt2")).module
+    got, _ = computed(tmp_path, exported, KernelSpec("diagonal"), train, test, batch_size=2)
+    j_train, j_test = reference.jacobian(model, train), reference.jacobian(model, test)
+    assert rel(got["test_train"], reference.kernel(j_test, j_train, "diagonal")) < TOL

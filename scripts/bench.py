@@ -1,0 +1,444 @@
+"""Benchmark of ntk-explain's empirical-NTK computation (a benchmark, not a test).
+
+What is measured
+----------------
+1. Exact trace kernel, train × train, of an MLP 784-512-512-10 (torch.manual_seed(0), float32,
+   669,706 parameters, randn inputs) at N = 256:
+   - ours: `pipeline.compute_kernel` with KernelSpec("trace") into an HDF5 run file in a temporary
+     directory (the real end-to-end path, writes included), Budget(device, 2 GiB);
+   - naive: the PyTorch NTK tutorial's pattern, `vmap(jacrev(f))` per-parameter Jacobians of all
+     N samples, then Σ_params einsum('Naf,Maf->NM').
+   Each is timed after one warm-up call at N = 8 in the same process, best of 3 repeats (naive: a
+   single repeat when it takes > 10 s). Reported: the speed ratio naive/ours and the relative
+   Frobenius difference of the two kernels.
+2. Memory at scale: ours at N = 4096 with a 1.5 GB budget (wall time and peak RSS). The naive
+   method at N = 512 needs ~15 GB (its Jacobians alone are N·10·P·4 B = 13.7 GB) and runs only
+   with --full.
+3. Projected pseudo-kernel features: `project(plan, tangent_factors(model, plan, x), Projection(kind,
+   4096, 0), 2**27 // 4)` over N = 1024 inputs in tiles of 256, for the zoo CNN (digits-shaped
+   (N, 1, 8, 8) randn inputs) and the MLP, gaussian and sparse projections: samples/s. The warm-up
+   uses the same kind at d = 64 on 8 samples.
+
+How
+---
+Every measurement runs in a fresh subprocess (`bench.py --worker NAME ...`) that prints its
+results as one JSON line, so "peak RSS" is that process's own `getrusage(RUSAGE_SELF).ru_maxrss`
+(absolute, warm-up included). "base RSS" is the resident size right after imports and model
+creation, to show the increment. The parent process imports neither torch nor numpy, so it stays
+small (a vfork'ed child may inherit the parent's high-water mark). On CUDA the clocks are read
+after `torch.cuda.synchronize()` and `torch.cuda.max_memory_allocated()` is reported too.
+MB = 10**6 bytes throughout.
+
+    python scripts/bench.py                 # full run (several minutes on 2 CPU cores)
+    python scripts/bench.py --quick         # N = 128 / 2048 / 256, single repeats
+    python scripts/bench.py --full --json bench.json --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+MB = 1e6
+TRACE_BUDGET = 2 * 2**30
+SCALE_BUDGET = int(1.5e9)
+BLOCK_NUMEL = 2**27 // 4
+PROJ_DIM = 4096
+PROJ_TILE = 256
+WARMUP_N = 8
+SLOW_S = 10.0
+
+
+# ---------------------------------------------------------------- worker side (fresh process)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MB if sys.platform == "darwin" else peak * 1024 / MB
+
+
+def rss_now_mb() -> float:
+    """The current resident set size, from /proc when available, else the peak so far."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def resolve(spec: str) -> torch.device:
+    from ntk_explain.resources import resolve_device
+
+    return resolve_device(spec)
+
+
+def sync(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(
+    fn: Callable[[], object], device: torch.device, repeats: int, stop_after: float | None = None
+) -> list[float]:
+    """Wall times of up to `repeats` calls; stops early once a call exceeds `stop_after` seconds."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        if stop_after is not None and times[-1] > stop_after:
+            break
+    return times
+
+
+def make_mlp() -> nn.Sequential:
+    """MLP 784-512-512-10, Linear/ReLU, float32, seeded."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    ).eval()
+
+
+def make_model(name: str) -> nn.Module:
+    import torch
+
+    if name == "mlp":
+        return make_mlp()
+    from ntk_explain.zoo import make_cnn
+
+    torch.manual_seed(0)
+    return make_cnn().eval()
+
+
+def inputs(model: str, n: int) -> Tensor:
+    """randn inputs: (n, 784) for the MLP, digits-shaped (n, 1, 8, 8) for the CNN."""
+    import torch
+
+    shape = (784,) if model == "mlp" else (1, 8, 8)
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(1))
+
+
+def ours_trace(model: nn.Module, x: Tensor, device: torch.device, budget: int, path: Path) -> None:
+    """The exact train × train trace kernel through `compute_kernel`, written to `path`."""
+    from ntk_explain import store
+    from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel
+
+    with store.create_run(path, overwrite=True, attrs={}) as run:
+        compute_kernel(run, model, KernelSpec("trace"), x, None, Budget(device, budget, None))
+
+
+def naive_trace(model: nn.Module, x: Tensor) -> Tensor:
+    """The PyTorch NTK tutorial: per-parameter Jacobians by vmap(jacrev), then Σ einsum('Naf,Maf->NM')."""
+    import torch
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def f(p: dict[str, Tensor], one: Tensor) -> Tensor:
+        return functional_call(model, p, (one.unsqueeze(0),)).squeeze(0)
+
+    jac = [j.flatten(2) for j in vmap(jacrev(f), (None, 0))(params, x).values()]
+    return torch.stack([torch.einsum("Naf,Maf->NM", j, j) for j in jac]).sum(0)
+
+
+def project_all(model: nn.Module, x: Tensor, kind: str, dim: int, tile: int) -> None:
+    """Projected pseudo-kernel features of every tile of x (computed and dropped)."""
+    from ntk_explain.gradients import plan_tangents, tangent_factors
+    from ntk_explain.kernels import project
+    from ntk_explain.projections import Projection
+
+    plan = plan_tangents(model, x[0], "pseudo")
+    projection = Projection(kind, dim, 0)
+    for start in range(0, len(x), tile):
+        chunk = x[start : start + tile]
+        project(plan, tangent_factors(model, plan, chunk), projection, BLOCK_NUMEL)
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement in this (fresh) process; returns what the parent prints."""
+    import numpy as np
+    import torch
+
+    device = resolve(args.device)
+    model = make_model(args.model).to(device)
+    x = inputs(args.model, args.n)
+    base = rss_now_mb()
+    extra: dict[str, Any] = {}
+    tmp = Path(args.tmp)
+    if args.worker == "ours":
+        ours_trace(model, x[:WARMUP_N], device, args.budget, tmp / "warmup.h5")
+        paths = iter(tmp / f"ours-{args.n}-{i}.h5" for i in range(args.repeats))
+        times = timed(lambda: ours_trace(model, x, device, args.budget, next(paths)), device, args.repeats)
+        if args.save:
+            import h5py
+
+            with h5py.File(tmp / f"ours-{args.n}-0.h5", "r") as run:
+                np.save(args.save, run["kernel/trace/train_train"][...])
+    elif args.worker == "naive":
+        xd = x.to(device)
+        naive_trace(model, xd[:WARMUP_N])
+        result: list[Tensor] = []
+        times = timed(lambda: result.append(naive_trace(model, xd)), device, args.repeats, SLOW_S)
+        if args.reference:
+            ours = torch.from_numpy(np.load(args.reference)).double()
+            naive = result[-1].double().cpu()
+            extra["rel_frobenius"] = float(torch.linalg.norm(ours - naive) / torch.linalg.norm(naive))
+    elif args.worker == "project":
+        xd = x.to(device)
+        project_all(model, xd[:WARMUP_N], args.kind, 64, args.tile)
+        times = timed(lambda: project_all(model, xd, args.kind, args.dim, args.tile), device, args.repeats)
+        extra["samples_per_s"] = args.n / min(times)
+    else:
+        raise SystemExit(f"unknown worker {args.worker!r}")
+    return {
+        "worker": args.worker,
+        "device": str(device),
+        "n": args.n,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "times_s": times,
+        "best_s": min(times),
+        "base_rss_mb": base,
+        "peak_rss_mb": peak_rss_mb(),
+        "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else None,
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------- parent side (no torch)
+
+
+@dataclass
+class Row:
+    """One line of the summary table."""
+
+    workload: str
+    n: int
+    ours_s: float | None = None
+    naive_s: float | None = None
+    peak_ours_mb: float | None = None
+    peak_naive_mb: float | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return self.naive_s / self.ours_s if self.ours_s and self.naive_s else None
+
+
+def spawn(name: str, device: str, tmp: str, **options: object) -> dict[str, Any]:
+    """Run `bench.py --worker name` in a fresh process; its JSON result, or {'error': ...}."""
+    command = [sys.executable, __file__, "--worker", name, "--device", device, "--tmp", tmp]
+    for key, value in options.items():
+        if value is not None:
+            command += [f"--{key.replace('_', '-')}", str(value)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = done.stderr.strip().splitlines()[-3:]
+        return {"error": f"rc={done.returncode}: {' | '.join(tail)}"}
+    return json.loads(lines[-1])
+
+
+def describe(label: str, result: dict[str, Any]) -> str:
+    """One progress line for a finished worker."""
+    if "error" in result:
+        return f"{label:<34} FAILED {result['error']}"
+    times = ", ".join(f"{t:.3f}" for t in result["times_s"])
+    gpu = f", GPU peak {result['cuda_peak_mb']:.0f} MB" if result["cuda_peak_mb"] is not None else ""
+    return (
+        f"{label:<34} N={result['n']:<5} best {result['best_s']:8.3f} s  (runs: {times})  "
+        f"base RSS {result['base_rss_mb']:.0f} MB, peak RSS {result['peak_rss_mb']:.0f} MB{gpu}"
+    )
+
+
+def measure(label: str, name: str, args: argparse.Namespace, tmp: str, **options: object) -> dict[str, Any]:
+    result = spawn(name, args.device, tmp, **options)
+    print(describe(label, result), flush=True)
+    return result
+
+
+def gpu_note(*results: dict[str, Any]) -> str:
+    peaks = [f"{r['cuda_peak_mb']:.0f}" for r in results if r.get("cuda_peak_mb") is not None]
+    return f"; GPU peak {'/'.join(peaks)} MB" if peaks else ""
+
+
+def workload_exact(args: argparse.Namespace, tmp: str, n: int, repeats: int) -> tuple[Row, dict]:
+    """1: ours vs the naive vmap(jacrev) + einsum trace kernel at the same N."""
+    save = str(Path(tmp) / "ours.npy")
+    ours = measure(
+        "1 ours trace (MLP)", "ours", args, tmp, n=n, repeats=repeats, budget=TRACE_BUDGET, save=save
+    )
+    reference = save if "error" not in ours else None
+    naive = measure("1 naive trace (MLP)", "naive", args, tmp, n=n, repeats=repeats, reference=reference)
+    row = Row("1 exact trace, MLP 670k", n, ours.get("best_s"), naive.get("best_s"))
+    row.peak_ours_mb, row.peak_naive_mb = ours.get("peak_rss_mb"), naive.get("peak_rss_mb")
+    notes = [f"base RSS {ours.get('base_rss_mb', 0):.0f}/{naive.get('base_rss_mb', 0):.0f} MB"]
+    if "rel_frobenius" in naive:
+        notes.insert(0, f"rel. Frobenius diff {naive['rel_frobenius']:.1e}")
+    notes += [r["error"] for r in (ours, naive) if "error" in r]
+    row.note = "; ".join(notes) + gpu_note(ours, naive)
+    return row, {"ours": ours, "naive": naive}
+
+
+def workload_scale(args: argparse.Namespace, tmp: str, n: int) -> tuple[list[Row], dict]:
+    """2: ours at large N under a 1.5 GB budget; the naive method at N = 512 only with --full."""
+    ours = measure(
+        "2 ours trace, 1.5 GB budget (MLP)", "ours", args, tmp, n=n, repeats=1, budget=SCALE_BUDGET
+    )
+    row = Row(
+        "2 exact trace at scale, 1.5 GB budget", n, ours.get("best_s"), peak_ours_mb=ours.get("peak_rss_mb")
+    )
+    row.note = ours.get("error", f"base RSS {ours.get('base_rss_mb', 0):.0f} MB; target peak < 2000 MB")
+    row.note += gpu_note(ours)
+    rows, raw = [row], {"ours": ours}
+    if args.full:
+        naive = measure("2 naive trace (MLP)", "naive", args, tmp, n=512, repeats=1)
+        extra = Row(
+            "2 naive memory (--full)",
+            512,
+            naive_s=naive.get("best_s"),
+            peak_naive_mb=naive.get("peak_rss_mb"),
+        )
+        extra.note = naive.get("error", f"base RSS {naive.get('base_rss_mb', 0):.0f} MB") + gpu_note(naive)
+        rows.append(extra)
+        raw["naive_512"] = naive
+    else:
+        row.note += "; naive at N=512 not run (needs ~15 GB; use --full)"
+    return rows, raw
+
+
+def workload_project(args: argparse.Namespace, tmp: str, n: int) -> tuple[list[Row], dict]:
+    """3: projected pseudo-kernel features/s at d = 4096, CNN and MLP, gaussian and sparse."""
+    rows, raw = [], {}
+    for model in ("cnn", "mlp"):
+        for kind in ("gaussian", "sparse"):
+            label = f"3 pseudo {kind} d={PROJ_DIM} ({model.upper()})"
+            result = measure(
+                label,
+                "project",
+                args,
+                tmp,
+                n=n,
+                repeats=1,
+                model=model,
+                kind=kind,
+                dim=PROJ_DIM,
+                tile=PROJ_TILE,
+            )
+            row = Row(f"3 pseudo features {model.upper()}, {kind} d={PROJ_DIM}", n, result.get("best_s"))
+            row.peak_ours_mb = result.get("peak_rss_mb")
+            if "error" in result:
+                row.note = result["error"]
+            else:
+                row.note = (
+                    f"{result['samples_per_s']:.0f} samples/s; P={result['n_params']}; "
+                    f"base RSS {result['base_rss_mb']:.0f} MB" + gpu_note(result)
+                )
+            rows.append(row)
+            raw[f"{model}-{kind}"] = result
+    return rows, raw
+
+
+def fmt(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(rows: list[Row]) -> str:
+    """The compact summary table."""
+    lines = [
+        "| workload | N | ours s | baseline s | ratio | peak MB ours | peak MB baseline | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        cells = [
+            r.workload,
+            str(r.n),
+            fmt(r.ours_s, 3),
+            fmt(r.naive_s, 2),
+            fmt(r.ratio, 0) + ("×" if r.ratio else ""),
+            fmt(r.peak_ours_mb, 0),
+            fmt(r.peak_naive_mb, 0),
+            r.note,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_all(args: argparse.Namespace) -> None:
+    n1, n2, n3 = (128, 2048, 256) if args.quick else (256, 4096, 1024)
+    repeats = 1 if args.quick else 3
+    mode = "quick" if args.quick else "full run" if args.full else "default"
+    print(
+        f"ntk-explain benchmark ({mode}, --device {args.device}); each line is a fresh process\n", flush=True
+    )
+    with tempfile.TemporaryDirectory(prefix="ntk-bench-") as tmp:
+        row1, raw1 = workload_exact(args, tmp, n1, repeats)
+        rows2, raw2 = workload_scale(args, tmp, n2)
+        rows3, raw3 = workload_project(args, tmp, n3)
+    rows = [row1, *rows2, *rows3]
+    devices = {r["device"] for raw in (raw1, raw2, raw3) for r in raw.values() if "device" in r}
+    print(f"\ndevice: {', '.join(sorted(devices)) or '?'}; ratio = baseline s / ours s (target ≥ 200×)\n")
+    print(markdown(rows))
+    if args.json:
+        figures = {
+            "mode": mode,
+            "device": args.device,
+            "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
+        }
+        figures["raw"] = {"exact": raw1, "scale": raw2, "project": raw3}
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"\nfigures saved to {args.json}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="~1-minute version: smaller N, single repeats")
+    parser.add_argument("--full", action="store_true", help="also run the naive method at N=512 (~15 GB)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--json", help="also save the figures to this JSON file")
+    worker = parser.add_argument_group("worker (internal)")
+    worker.add_argument("--worker", choices=("ours", "naive", "project"), help=argparse.SUPPRESS)
+    worker.add_argument("--tmp", help=argparse.SUPPRESS)
+    worker.add_argument("--n", type=int, default=256, help=argparse.SUPPRESS)
+    worker.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
+    worker.add_argument("--budget", type=int, default=TRACE_BUDGET, help=argparse.SUPPRESS)
+    worker.add_argument("--save", help=argparse.SUPPRESS)
+    worker.add_argument("--reference", help=argparse.SUPPRESS)
+    worker.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help=argparse.SUPPRESS)
+    worker.add_argument("--kind", default="gaussian", help=argparse.SUPPRESS)
+    worker.add_argument("--dim", type=int, default=PROJ_DIM, help=argparse.SUPPRESS)
+    worker.add_argument("--tile", type=int, default=PROJ_TILE, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)), flush=True)
+    else:
+        run_all(args)
+
+
+if __name__ == "__main__":
+    main()
