@@ -33,6 +33,7 @@ app = typer.Typer(
     help="Explain trained PyTorch networks through their empirical neural tangent kernel.",
 )
 stderr = Console(stderr=True)
+stdout = Console(width=None if sys.stdout.isatty() else 160)  # piped tables keep whole lines
 
 Projection = Enum("Projection", {p: p for p in PROJECTIONS}, type=str)  # type: ignore[misc]
 
@@ -293,7 +294,7 @@ def info(
     if as_json:
         typer.echo(json.dumps({"attrs": store.root_attrs(run), "items": store.summarize(run)}, default=str))
     else:
-        Console().print(store.info_table(run))
+        stdout.print(store.info_table(run))
 
 
 @app.command()
@@ -344,7 +345,7 @@ def demo(
     summary.update(weights=str(weights), test_accuracy=round(accuracy, 4), train_seconds=round(trained, 2))
     _report(summary, as_json, quiet)
     if not quiet and not as_json:
-        Console().print(store.info_table(out))
+        stdout.print(store.info_table(out))
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -12,6 +12,7 @@ import pickle
 import sys
 import types
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class Dataset:
     index: np.ndarray
     source: str
     sha256: str
+    split: str = "train"
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ def _require_keys(present: list[str], keys: tuple[str, ...]) -> None:
 
 
 def _read_npz(path: Path, keys: tuple[str, ...]) -> list[np.ndarray]:
+    if not zipfile.is_zipfile(path):
+        raise _Invalid("cannot read file (not a .npz zip archive)")
     with np.load(path, allow_pickle=False) as f:
         _require_keys(f.files, keys)
         return [f[k] for k in keys]
@@ -212,7 +216,7 @@ def load_dataset(
         else:
             x, y, index, digest = _file_arrays(spec, x_key, y_key)
         x, y, index = x[:limit], y[:limit], index[:limit]
-        return Dataset(_features(x, x_key, dtype), _labels(y, y_key), index, spec, digest)
+        return Dataset(_features(x, x_key, dtype), _labels(y, y_key), index, spec, digest, split)
     except _Invalid as exc:
         raise BadInputError(f"{split} data {spec}: {exc}") from exc.__cause__
 
@@ -426,5 +430,7 @@ def check_model_on_data(model: nn.Module, data: Dataset) -> int:
         raise BadInputError(f"model output on {data.source} row {data.index[0]} is not finite")
     n_classes = out.shape[1]
     if int(data.y.max()) >= n_classes:
-        raise BadInputError(f"{data.source}: label {int(data.y.max())} but the model has only {n_classes} outputs")
+        raise BadInputError(
+            f"{data.split} data {data.source}: label {int(data.y.max())} but the model has only {n_classes} outputs"
+        )
     return n_classes

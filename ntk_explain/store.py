@@ -353,7 +353,8 @@ def info_table(path: str | os.PathLike) -> Table:
     """A rich table of the run file's groups and datasets (the CLI prints it)."""
     items = summarize(path)
     table = Table(title=str(path), title_justify="left")
-    for column in ("path", "kind", "shape", "dtype", "dims", "attrs"):
+    table.add_column("path", no_wrap=True)
+    for column in ("kind", "shape", "dtype", "dims", "attrs"):
         table.add_column(column, overflow="fold")
     for item in items:
         attrs = item["attrs"]

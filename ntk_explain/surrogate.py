@@ -56,8 +56,13 @@ class KernelGLM:
         W = kernel.new_zeros((classes, kernel.shape[1]), requires_grad=True)
         b = kernel.new_zeros(classes, requires_grad=True)
         optimizer = torch.optim.LBFGS(
-            [W, b], lr=1, max_iter=self.max_iter, tolerance_grad=self.tol, tolerance_change=0.0,
-            history_size=20, line_search_fn="strong_wolfe",
+            [W, b],
+            lr=1,
+            max_iter=self.max_iter,
+            tolerance_grad=self.tol,
+            tolerance_change=0.0,
+            history_size=20,
+            line_search_fn="strong_wolfe",
         )
 
         def closure() -> Tensor:

@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 SPLITS = ("train", "test")
@@ -60,6 +59,8 @@ def digits(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scikit-learn's digits, split deterministically (stratified 80/20): x (n,1,8,8) in [0,1], y, row."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    from sklearn.datasets import load_digits  # imported here: it is slow, and only the demo data needs it
+
     bunch = load_digits()
     y = bunch.target.astype(np.int64)
     index = _split_indices(y, split)
