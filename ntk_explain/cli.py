@@ -328,6 +328,7 @@ def demo(
         stderr.print(
             f"trained zoo:cnn on zoo:digits in {trained:.1f}s: test accuracy {accuracy:.3f}; weights in {weights}",
             highlight=False,
+            soft_wrap=True,
         )
     summary = run_compute(
         model="zoo:cnn",
