@@ -16,13 +16,23 @@ import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 from safetensors.torch import save_file
 
 from ntk_explain import store, zoo
 from ntk_explain.errors import NtkExplainError, OutOfMemoryError, UsageError
 from ntk_explain.kernels import KERNELS
 from ntk_explain.loading import check_model_on_data, load_dataset, load_model
-from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel, network_logits, write_data
+from ntk_explain.metrics import METRIC_NAMES
+from ntk_explain.pipeline import (
+    Budget,
+    KernelSpec,
+    SurrogateSpec,
+    attribute_run,
+    compute_kernel,
+    network_logits,
+    write_data,
+)
 from ntk_explain.projections import PROJECTIONS
 from ntk_explain.resources import memory_budget, resolve_device
 
@@ -295,6 +305,131 @@ def info(
         typer.echo(json.dumps({"attrs": store.root_attrs(run), "items": store.summarize(run)}, default=str))
     else:
         stdout.print(store.info_table(run))
+
+
+class Surrogate(str, Enum):
+    kglm = "kglm"
+    ridge = "ridge"
+
+
+class Target(str, Enum):
+    model = "model"
+    labels = "labels"
+
+
+class Normalize(str, Enum):
+    cosine = "cosine"
+    none = "none"
+
+
+class ClassWeight(str, Enum):
+    none = "none"
+    balanced = "balanced"
+
+
+def run_attribute(
+    run: Path,
+    *,
+    kernel: str | None = None,
+    surrogate: str = "kglm",
+    target: str = "model",
+    alpha: float = 1e-4,
+    normalize: str = "cosine",
+    class_weight: str = "none",
+    top_k: int = 10,
+    all_classes: bool = False,
+    device: str = "auto",
+    max_memory: str | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Fit the surrogate on a run file's kernel and add attribution and faithfulness to it."""
+    if alpha < 0:
+        raise UsageError("--alpha must be non-negative")
+    torch_device = resolve_device(device)
+    budget = Budget(torch_device, memory_budget(torch_device, max_memory))
+    spec = SurrogateSpec(surrogate, alpha, target, normalize == "cosine", class_weight == "balanced")
+    with _progress_bar(quiet) as bar:
+        return attribute_run(
+            str(run),
+            kernel,
+            spec,
+            budget,
+            top_k=top_k,
+            all_classes=all_classes,
+            overwrite=overwrite,
+            progress=RichProgress(bar),
+        )
+
+
+def _metrics_table(metrics: dict) -> Table:
+    table = Table(title="faithfulness", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in METRIC_NAMES:
+        value = metrics[key]
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+@app.command()
+@reported
+def attribute(
+    run: Annotated[Path, typer.Argument(help="A run file written by compute.")],
+    kernel: Annotated[str | None, typer.Option(help="Kernel group (default: trace, or the only one).")] = None,
+    surrogate: Annotated[
+        Surrogate, typer.Option(help="kglm: kernel logistic regression; ridge: of the logits.")
+    ] = Surrogate.kglm,
+    target: Annotated[
+        Target, typer.Option(help="kGLM targets: the network's predictions or the labels.")
+    ] = Target.model,
+    alpha: Annotated[float, typer.Option(help="L2 penalty α of mean loss + α‖W‖² (ridge: λ = αN).")] = 1e-4,
+    normalize: Annotated[Normalize, typer.Option(help="Cosine-normalise the kernel on read.")] = Normalize.cosine,
+    class_weight: Annotated[ClassWeight, typer.Option(help="Weigh classes by inverse frequency.")] = ClassWeight.none,
+    top_k: Annotated[int, typer.Option(help="Proponents and opponents kept per point.", min=1)] = 10,
+    all_classes: Annotated[bool, typer.Option(help="Also store (M, N, C) scores for every class.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:i.")] = "auto",
+    max_memory: Annotated[str | None, typer.Option(help="Memory budget, e.g. 2GB.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing surrogate and attribution groups.")] = False,
+    quiet: Quiet = False,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Fit a kernel surrogate, write data-attribution scores and faithfulness metrics into the run file."""
+    summary = run_attribute(
+        run,
+        kernel=kernel,
+        surrogate=Surrogate(surrogate).value,
+        target=Target(target).value,
+        alpha=alpha,
+        normalize=Normalize(normalize).value,
+        class_weight=ClassWeight(class_weight).value,
+        top_k=top_k,
+        all_classes=all_classes,
+        device=device,
+        max_memory=max_memory,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    if as_json:
+        typer.echo(json.dumps(summary, default=str))
+    elif not quiet:
+        stdout.print(_metrics_table(summary["faithfulness"]))
+
+
+@app.command()
+@reported
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run file with a fitted surrogate.")],
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Show the surrogate's faithfulness metrics."""
+    metrics = store.group_attrs(run, "faithfulness")
+    if as_json:
+        typer.echo(json.dumps(metrics, default=str))
+    else:
+        stdout.print(_metrics_table(metrics))
 
 
 @app.command()

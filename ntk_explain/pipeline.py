@@ -1,4 +1,5 @@
-"""The compute stage: data → tangent features → kernel blocks → the run file.
+"""The stages: compute (data → tangent features → kernel blocks → run file) and attribute (kernel → surrogate →
+attribution and faithfulness).
 
 Work is tiled in row tiles of the data sets; a tile's features are kept in memory for reuse only
 when all of them fit the budget, and the kernel is written block by block, so peak memory follows
@@ -19,10 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from ntk_explain import store
+from ntk_explain.attribution import all_class_scores, attribution_scores, extremes
+from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
 from ntk_explain.gradients import Factors, penultimate, plan_tangents, tangent_factors
 from ntk_explain.kernels import KERNELS, Tiles, contraction, kernel_blocks, output_map, project, self_kernel
 from ntk_explain.loading import Dataset
+from ntk_explain.metrics import METRIC_NAMES, faithfulness
 from ntk_explain.projections import PROJECTIONS, Projection
+from ntk_explain.surrogate import KernelGLM, KernelRidge
 
 DEFAULT_DIMS = {"pseudo": 4096, "trace": 10240, "diagonal": 10240, "full": 10240}
 MAX_TILE = 4096  # default cap on rows per tile, so that progress is reported often enough
@@ -276,3 +281,140 @@ def compute_kernel(
     }
     store.set_attrs(group, attrs)
     return attrs
+
+
+@dataclass(frozen=True)
+class SurrogateSpec:
+    """The surrogate fitted by `attribute`: its kind, penalty, targets and kernel normalisation."""
+
+    kind: str = "kglm"
+    alpha: float = 1e-4
+    target: str = "model"
+    normalize: bool = True
+    balanced: bool = False
+
+
+def kernel_name(run: h5py.File, requested: str | None) -> str:
+    """The kernel group to explain with: `requested`, else `trace`, else the only one."""
+    names = list(run.get("kernel", {}))
+    if requested is None:
+        requested = "trace" if "trace" in names or len(names) != 1 else names[0]
+    if requested not in names:
+        raise BadInputError(f"no kernel {requested!r} in the run file (have: {', '.join(names) or 'none'})")
+    if run[f"kernel/{requested}/train_train"].ndim != 2:
+        raise UsageError(f"--kernel {requested}: attribution needs a scalar kernel (trace, pseudo or ck)")
+    return requested
+
+
+def _fit(spec: SurrogateSpec, kernel: Tensor, data: h5py.Group) -> KernelGLM | KernelRidge:
+    logits = torch.from_numpy(data["nn_logits"][()]).to(kernel.device)
+    if spec.kind == "ridge":
+        return KernelRidge(spec.alpha).fit(kernel, logits)
+    targets = logits.argmax(1) if spec.target == "model" else torch.from_numpy(data["labels"][()]).to(kernel.device)
+    return KernelGLM(spec.alpha, spec.balanced).fit(kernel, targets, logits.shape[1])
+
+
+def _kernel_rows(group: h5py.Group, split: str, start: int, stop: int, normalize: bool) -> np.ndarray:
+    """Rows [start, stop) of the <split>×train kernel, cosine-normalised on read when asked."""
+    rows = group[f"{split}_train"][start:stop]
+    if not normalize:
+        return rows
+    return store.cosine_normalize(rows, group[f"diag_{split}"][start:stop], group["diag_train"][()])
+
+
+def attribute_run(
+    path: str,
+    requested: str | None,
+    spec: SurrogateSpec,
+    budget: Budget,
+    *,
+    top_k: int = 10,
+    all_classes: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Fit the surrogate on /kernel/<name>, write /surrogate, /attribution and /faithfulness.
+
+    The train×train kernel is held in memory for the fit; the explained×train kernel and the scores are
+    streamed in row blocks sized by the budget.
+    """
+    progress = progress or Silent()
+    with store.update_run(path) as run:
+        name = kernel_name(run, requested)
+        group = run[f"kernel/{name}"]
+        existing = [g for g in ("surrogate", "attribution", "faithfulness") if g in run]
+        if existing and not overwrite:
+            raise BadInputError(f"{path} already has /{existing[0]}; pass --overwrite to replace it")
+        for g in existing:
+            del run[g]
+        n = group["train_train"].shape[0]
+        if n * n * 8 * 2 > budget.bytes:
+            raise OutOfMemoryError(f"fitting needs the {n}×{n} kernel in float64: raise --max-memory")
+        kernel = torch.from_numpy(_kernel_rows(group, "train", 0, n, spec.normalize)).to(budget.device)
+        surrogate = _fit(spec, kernel.double(), run["data/train"])
+        split = "test" if "test_train" in group else "train"
+        explained = run[f"data/{split}"]
+        nn_logits = explained["nn_logits"][()]
+        m, classes = len(nn_logits), nn_logits.shape[1]
+        predicted = torch.from_numpy(nn_logits.argmax(1))
+        dims = (split, "train")
+        out = run.create_group("attribution")
+        scores = store.create_rows(out, "scores", (m, n), np.float64, dims)
+        by_class = (
+            store.create_rows(out, "scores_all", (m, n, classes), np.float64, (*dims, "class")) if all_classes else None
+        )
+        k = min(top_k, n)
+        tops = {
+            key: store.create_rows(out, key, (m, k), dtype, (split, "rank"))
+            for key, dtype in (
+                ("topk_index", np.int64),
+                ("topk_score", np.float64),
+                ("opp_index", np.int64),
+                ("opp_score", np.float64),
+            )
+        }
+        logits = np.empty((m, classes))
+        rows = max(1, min(m, budget.bytes // (8 * n * (4 + (classes if all_classes else 0)))))
+        progress.start(f"/attribution {split}×train", m)
+        for start in range(0, m, rows):
+            stop = min(m, start + rows)
+            block = torch.from_numpy(_kernel_rows(group, split, start, stop, spec.normalize)).double().to(budget.device)
+            logits[start:stop] = surrogate.decision_function(block).cpu().numpy()
+            values = attribution_scores(block, surrogate.W_, surrogate.b_, predicted[start:stop].to(budget.device))
+            scores[start:stop] = values.cpu().numpy()
+            if by_class is not None:
+                by_class[start:stop] = all_class_scores(block, surrogate.W_, surrogate.b_).cpu().numpy()
+            for key, value in zip(tops, extremes(values, k), strict=True):
+                tops[key][start:stop] = value.cpu().numpy()
+            progress.advance(stop - start)
+        store.write_array(out, "class", predicted.numpy(), (split,))
+        store.set_attrs(
+            out, {"orientation": f"({split}, train)", "class": "network prediction", "kernel": name, "top_k": k}
+        )
+        surrogate_group = run.create_group("surrogate")
+        store.write_array(surrogate_group, "W", surrogate.W_.cpu().numpy(), ("class", "train"))
+        store.write_array(surrogate_group, "b", surrogate.b_.cpu().numpy(), ("class",))
+        store.write_array(
+            surrogate_group, "logits_train", surrogate.decision_function(kernel).cpu().numpy(), ("train", "class")
+        )
+        if split == "test":
+            store.write_array(surrogate_group, "logits_test", logits, ("test", "class"))
+        fit = {
+            "kind": spec.kind,
+            "alpha": spec.alpha,
+            "target": spec.target if spec.kind == "kglm" else "logits",
+            "kernel": name,
+            "normalize": "cosine" if spec.normalize else "none",
+            "class_weight": "balanced" if spec.balanced else "none",
+        }
+        if isinstance(surrogate, KernelGLM):
+            fit.update(loss=surrogate.loss_, n_iter=surrogate.n_iter_, converged=surrogate.converged_)
+        store.set_attrs(surrogate_group, fit)
+        metrics = faithfulness(nn_logits, logits, explained["labels"][()])
+        faith = run.create_group("faithfulness")
+        store.set_attrs(faith, {**metrics, "split": split, "kernel": name})
+        store.write_array(
+            faith, "table", np.array([metrics[key] for key in METRIC_NAMES], dtype=np.float64), ("metric",)
+        )
+        store.write_array(faith, "names", np.array(METRIC_NAMES), ("metric",))
+    return {"kernel": name, "split": split, "surrogate": fit, "faithfulness": metrics}

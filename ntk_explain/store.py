@@ -314,8 +314,15 @@ def write_array(
 
 def root_attrs(path: str | os.PathLike) -> dict[str, Any]:
     """The root attributes of a run file as Python values (JSON-valued ones stay JSON strings)."""
+    return group_attrs(path, "/")
+
+
+def group_attrs(path: str | os.PathLike, group: str) -> dict[str, Any]:
+    """The attributes of one group of a run file; a missing group is bad input."""
     with open_run(path) as f:
-        return _attrs_dict(f)
+        if group not in f:
+            raise BadInputError(f"{path} has no /{group.strip('/')} (run the stage that writes it first)")
+        return _attrs_dict(f[group])
 
 
 def summarize(path: str | os.PathLike) -> list[dict[str, Any]]:
