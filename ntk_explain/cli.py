@@ -25,6 +25,7 @@ from ntk_explain.kernels import KERNELS
 from ntk_explain.loading import check_model_on_data, load_dataset, load_model
 from ntk_explain.metrics import METRIC_NAMES
 from ntk_explain.pipeline import (
+    NORMALIZATIONS,
     Budget,
     KernelSpec,
     SurrogateSpec,
@@ -56,6 +57,8 @@ class DType(str, Enum):
 Debug = Annotated[bool, typer.Option("--debug", help="Show the traceback of a failure.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:i.")]
+MaxMemory = Annotated[str | None, typer.Option(help="Memory budget, e.g. 2GB (default: half the free memory).")]
 
 
 def reported(command: Callable) -> Callable:
@@ -252,14 +255,12 @@ def compute(
     y_key: Annotated[str, typer.Option(help="Name of the label array in data files.")] = "y",
     n_train: Annotated[int | None, typer.Option(help="Use only the first N training points.", min=1)] = None,
     n_test: Annotated[int | None, typer.Option(help="Use only the first M test points.", min=1)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:i.")] = "auto",
+    device: Device = "auto",
     dtype: Annotated[DType, typer.Option(help="Computation and storage precision.")] = DType.float32,
     batch_size: Annotated[
         int | None, typer.Option(help="Most rows per tile (default: from the memory budget).", min=1)
     ] = None,
-    max_memory: Annotated[
-        str | None, typer.Option(help="Memory budget, e.g. 2GB (default: half the free memory).")
-    ] = None,
+    max_memory: MaxMemory = None,
     seed: Annotated[int, typer.Option(help="Seed of the random projection.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     quiet: Quiet = False,
@@ -317,9 +318,7 @@ class Target(str, Enum):
     labels = "labels"
 
 
-class Normalize(str, Enum):
-    cosine = "cosine"
-    none = "none"
+Normalize = Enum("Normalize", {name: name for name in NORMALIZATIONS}, type=str)  # type: ignore[misc]
 
 
 class ClassWeight(str, Enum):
@@ -348,7 +347,7 @@ def run_attribute(
         raise UsageError("--alpha must be non-negative")
     torch_device = resolve_device(device)
     budget = Budget(torch_device, memory_budget(torch_device, max_memory))
-    spec = SurrogateSpec(surrogate, alpha, target, normalize == "cosine", class_weight == "balanced")
+    spec = SurrogateSpec(surrogate, alpha, target, normalize, class_weight == "balanced")
     with _progress_bar(quiet) as bar:
         return attribute_run(
             str(run),
@@ -384,12 +383,14 @@ def attribute(
         Target, typer.Option(help="kGLM targets: the network's predictions or the labels.")
     ] = Target.model,
     alpha: Annotated[float, typer.Option(help="L2 penalty α of mean loss + α‖W‖² (ridge: λ = αN).")] = 1e-4,
-    normalize: Annotated[Normalize, typer.Option(help="Cosine-normalise the kernel on read.")] = Normalize.cosine,
+    normalize: Annotated[
+        Normalize, typer.Option(help="cosine; scale: by the mean training self-kernel; none: raw.")
+    ] = "cosine",
     class_weight: Annotated[ClassWeight, typer.Option(help="Weigh classes by inverse frequency.")] = ClassWeight.none,
     top_k: Annotated[int, typer.Option(help="Proponents and opponents kept per point.", min=1)] = 10,
     all_classes: Annotated[bool, typer.Option(help="Also store (M, N, C) scores for every class.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:i.")] = "auto",
-    max_memory: Annotated[str | None, typer.Option(help="Memory budget, e.g. 2GB.")] = None,
+    device: Device = "auto",
+    max_memory: MaxMemory = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing surrogate and attribution groups.")] = False,
     quiet: Quiet = False,
     as_json: Json = False,
@@ -439,14 +440,14 @@ def demo(
     kernel: Annotated[str, typer.Option(help="Comma-separated kernels.")] = "trace,pseudo,ck",
     projection: Annotated[Projection, typer.Option(help="Random projection of the gradients.")] = "none",
     epochs: Annotated[int, typer.Option(help="Training epochs.", min=1)] = 30,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:i.")] = "auto",
+    device: Device = "auto",
     seed: Annotated[int, typer.Option(help="Seed of training and projection.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace existing demo files.")] = False,
     quiet: Quiet = False,
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:
-    """Train the zoo CNN on the built-in digits, save its weights, and compute its eNTK end to end."""
+    """Train the zoo CNN on the built-in digits, compute its eNTK, and explain its test predictions."""
     weights = out.with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     for path in (out, weights):
@@ -479,9 +480,37 @@ def demo(
         quiet=quiet,
     )
     summary.update(weights=str(weights), test_accuracy=round(accuracy, 4), train_seconds=round(trained, 2))
-    _report(summary, as_json, quiet)
-    if not quiet and not as_json:
-        stdout.print(store.info_table(out))
+    _report(summary, False, quiet or as_json)
+    explained = run_attribute(out, kernel="trace", device=device, quiet=quiet)
+    summary["attribution"] = explained
+    if as_json:
+        typer.echo(json.dumps(summary, default=str))
+    elif not quiet:
+        stdout.print(_metrics_table(explained["faithfulness"]))
+        stdout.print(_proponents_table(out, rows=3, top=3))
+
+
+def _proponents_table(run: Path, rows: int, top: int) -> Table:
+    """The strongest training proponents of the first `rows` explained points (rows of the source files)."""
+    with store.open_run(run) as f:
+        split = "test" if "test" in f["data"] else "train"
+        source, labels = f[f"data/{split}/index"][:rows], f[f"data/{split}/labels"][:rows]
+        predicted = f["attribution/class"][:rows]
+        index, score = f["attribution/topk_index"][:rows, :top], f["attribution/topk_score"][:rows, :top]
+        train_source, train_labels = f["data/train/index"][()], f["data/train/labels"][()]
+    table = Table(title=f"top-{top} proponents (training points, attribution score)", title_justify="left")
+    table.add_column(f"{split} row")
+    table.add_column("label")
+    table.add_column("network")
+    for rank in range(top):
+        table.add_column(f"#{rank + 1}")
+    for row in range(len(source)):
+        cells = [
+            f"train row {train_source[j]} (label {train_labels[j]}) {s:+.3f}"
+            for j, s in zip(index[row], score[row], strict=True)
+        ]
+        table.add_row(str(source[row]), str(labels[row]), str(predicted[row]), *cells)
+    return table
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -283,6 +283,13 @@ def compute_kernel(
     return attrs
 
 
+NORMALIZATIONS = {
+    "cosine": "K(x,x')/sqrt(K(x,x) K(x',x'))",
+    "scale": "K(x,x')/mean_j K(x_j,x_j), the mean training self-kernel: raw structure, α on a fixed scale",
+    "none": "K(x,x') as computed",
+}
+
+
 @dataclass(frozen=True)
 class SurrogateSpec:
     """The surrogate fitted by `attribute`: its kind, penalty, targets and kernel normalisation."""
@@ -290,7 +297,7 @@ class SurrogateSpec:
     kind: str = "kglm"
     alpha: float = 1e-4
     target: str = "model"
-    normalize: bool = True
+    normalize: str = "cosine"  # cosine | scale | none
     balanced: bool = False
 
 
@@ -314,12 +321,85 @@ def _fit(spec: SurrogateSpec, kernel: Tensor, data: h5py.Group) -> KernelGLM | K
     return KernelGLM(spec.alpha, spec.balanced).fit(kernel, targets, logits.shape[1])
 
 
-def _kernel_rows(group: h5py.Group, split: str, start: int, stop: int, normalize: bool) -> np.ndarray:
-    """Rows [start, stop) of the <split>×train kernel, cosine-normalised on read when asked."""
+def _kernel_rows(group: h5py.Group, split: str, start: int, stop: int, normalize: str) -> np.ndarray:
+    """Rows [start, stop) of the <split>×train kernel as the surrogate sees it (NORMALIZATIONS)."""
     rows = group[f"{split}_train"][start:stop]
-    if not normalize:
-        return rows
-    return store.cosine_normalize(rows, group[f"diag_{split}"][start:stop], group["diag_train"][()])
+    if normalize == "scale":
+        return rows / group["diag_train"][()].mean()
+    if normalize == "cosine":
+        return store.cosine_normalize(rows, group[f"diag_{split}"][start:stop], group["diag_train"][()])
+    return rows
+
+
+def _stream_attribution(
+    out: h5py.Group,
+    kernel: h5py.Group,
+    split: str,
+    surrogate: KernelGLM | KernelRidge,
+    predicted: Tensor,
+    spec: SurrogateSpec,
+    budget: Budget,
+    top_k: int,
+    all_classes: bool,
+    progress: Progress,
+) -> np.ndarray:
+    """Scores, top-k proponents and opponents of the <split>×train rows, block by block; returns s (M, C)."""
+    m, n = kernel[f"{split}_train"].shape
+    classes = surrogate.b_.shape[0]
+    k = min(top_k, n)
+    scores = store.create_rows(out, "scores", (m, n), np.float64, (split, "train"))
+    by_class = (
+        store.create_rows(out, "scores_all", (m, n, classes), np.float64, (split, "train", "class"))
+        if all_classes
+        else None
+    )
+    extreme_sets = [
+        store.create_rows(out, key, (m, k), dtype, (split, "rank"))
+        for key, dtype in (
+            ("topk_index", np.int64),
+            ("topk_score", np.float64),
+            ("opp_index", np.int64),
+            ("opp_score", np.float64),
+        )
+    ]
+    logits = np.empty((m, classes))
+    rows = max(1, min(m, budget.bytes // (8 * n * (4 + (classes if all_classes else 0)))))
+    progress.start(f"/attribution {split}×train", m)
+    for start in range(0, m, rows):
+        stop = min(m, start + rows)
+        block = torch.from_numpy(_kernel_rows(kernel, split, start, stop, spec.normalize)).double().to(budget.device)
+        logits[start:stop] = surrogate.decision_function(block).cpu().numpy()
+        values = attribution_scores(block, surrogate.W_, surrogate.b_, predicted[start:stop].to(budget.device))
+        scores[start:stop] = values.cpu().numpy()
+        if by_class is not None:
+            by_class[start:stop] = all_class_scores(block, surrogate.W_, surrogate.b_).cpu().numpy()
+        for dataset, value in zip(extreme_sets, extremes(values, k), strict=True):
+            dataset[start:stop] = value.cpu().numpy()
+        progress.advance(stop - start)
+    store.write_array(out, "class", predicted.numpy(), (split,))
+    store.set_attrs(out, {"orientation": f"({split}, train)", "class": "network prediction", "top_k": k})
+    return logits
+
+
+def _write_surrogate(
+    run: h5py.File, surrogate: KernelGLM | KernelRidge, kernel: Tensor, logits: np.ndarray, split: str, attrs: dict
+) -> None:
+    """/surrogate: W (C, N), b (C,), logits on train and on the explained set, and how it was fitted."""
+    group = run.create_group("surrogate")
+    store.write_array(group, "W", surrogate.W_.cpu().numpy(), ("class", "train"))
+    store.write_array(group, "b", surrogate.b_.cpu().numpy(), ("class",))
+    store.write_array(group, "logits_train", surrogate.decision_function(kernel).cpu().numpy(), ("train", "class"))
+    if split == "test":
+        store.write_array(group, "logits_test", logits, ("test", "class"))
+    store.set_attrs(group, attrs)
+
+
+def _write_faithfulness(run: h5py.File, metrics: dict, split: str, name: str) -> None:
+    """/faithfulness: every metric as an attribute, and as a (names, table) pair of datasets."""
+    group = run.create_group("faithfulness")
+    store.set_attrs(group, {**metrics, "split": split, "kernel": name})
+    store.write_array(group, "table", np.array([metrics[key] for key in METRIC_NAMES], dtype=np.float64), ("metric",))
+    store.write_array(group, "names", np.array(METRIC_NAMES), ("metric",))
 
 
 def attribute_run(
@@ -335,8 +415,8 @@ def attribute_run(
 ) -> dict:
     """Fit the surrogate on /kernel/<name>, write /surrogate, /attribution and /faithfulness.
 
-    The train×train kernel is held in memory for the fit; the explained×train kernel and the scores are
-    streamed in row blocks sized by the budget.
+    The train×train kernel is held in memory (float64) for the fit; the explained×train kernel and the scores
+    stream in row blocks sized by the budget. Explained points are the test set, or the training set without one.
     """
     progress = progress or Silent()
     with store.update_run(path) as run:
@@ -350,71 +430,28 @@ def attribute_run(
         n = group["train_train"].shape[0]
         if n * n * 8 * 2 > budget.bytes:
             raise OutOfMemoryError(f"fitting needs the {n}×{n} kernel in float64: raise --max-memory")
-        kernel = torch.from_numpy(_kernel_rows(group, "train", 0, n, spec.normalize)).to(budget.device)
-        surrogate = _fit(spec, kernel.double(), run["data/train"])
+        kernel = torch.from_numpy(_kernel_rows(group, "train", 0, n, spec.normalize)).double().to(budget.device)
+        surrogate = _fit(spec, kernel, run["data/train"])
         split = "test" if "test_train" in group else "train"
         explained = run[f"data/{split}"]
         nn_logits = explained["nn_logits"][()]
-        m, classes = len(nn_logits), nn_logits.shape[1]
         predicted = torch.from_numpy(nn_logits.argmax(1))
-        dims = (split, "train")
         out = run.create_group("attribution")
-        scores = store.create_rows(out, "scores", (m, n), np.float64, dims)
-        by_class = (
-            store.create_rows(out, "scores_all", (m, n, classes), np.float64, (*dims, "class")) if all_classes else None
+        logits = _stream_attribution(
+            out, group, split, surrogate, predicted, spec, budget, top_k, all_classes, progress
         )
-        k = min(top_k, n)
-        tops = {
-            key: store.create_rows(out, key, (m, k), dtype, (split, "rank"))
-            for key, dtype in (
-                ("topk_index", np.int64),
-                ("topk_score", np.float64),
-                ("opp_index", np.int64),
-                ("opp_score", np.float64),
-            )
-        }
-        logits = np.empty((m, classes))
-        rows = max(1, min(m, budget.bytes // (8 * n * (4 + (classes if all_classes else 0)))))
-        progress.start(f"/attribution {split}×train", m)
-        for start in range(0, m, rows):
-            stop = min(m, start + rows)
-            block = torch.from_numpy(_kernel_rows(group, split, start, stop, spec.normalize)).double().to(budget.device)
-            logits[start:stop] = surrogate.decision_function(block).cpu().numpy()
-            values = attribution_scores(block, surrogate.W_, surrogate.b_, predicted[start:stop].to(budget.device))
-            scores[start:stop] = values.cpu().numpy()
-            if by_class is not None:
-                by_class[start:stop] = all_class_scores(block, surrogate.W_, surrogate.b_).cpu().numpy()
-            for key, value in zip(tops, extremes(values, k), strict=True):
-                tops[key][start:stop] = value.cpu().numpy()
-            progress.advance(stop - start)
-        store.write_array(out, "class", predicted.numpy(), (split,))
-        store.set_attrs(
-            out, {"orientation": f"({split}, train)", "class": "network prediction", "kernel": name, "top_k": k}
-        )
-        surrogate_group = run.create_group("surrogate")
-        store.write_array(surrogate_group, "W", surrogate.W_.cpu().numpy(), ("class", "train"))
-        store.write_array(surrogate_group, "b", surrogate.b_.cpu().numpy(), ("class",))
-        store.write_array(
-            surrogate_group, "logits_train", surrogate.decision_function(kernel).cpu().numpy(), ("train", "class")
-        )
-        if split == "test":
-            store.write_array(surrogate_group, "logits_test", logits, ("test", "class"))
+        out.attrs["kernel"] = name
         fit = {
             "kind": spec.kind,
             "alpha": spec.alpha,
             "target": spec.target if spec.kind == "kglm" else "logits",
             "kernel": name,
-            "normalize": "cosine" if spec.normalize else "none",
+            "normalize": spec.normalize,
             "class_weight": "balanced" if spec.balanced else "none",
         }
         if isinstance(surrogate, KernelGLM):
             fit.update(loss=surrogate.loss_, n_iter=surrogate.n_iter_, converged=surrogate.converged_)
-        store.set_attrs(surrogate_group, fit)
+        _write_surrogate(run, surrogate, kernel, logits, split, fit)
         metrics = faithfulness(nn_logits, logits, explained["labels"][()])
-        faith = run.create_group("faithfulness")
-        store.set_attrs(faith, {**metrics, "split": split, "kernel": name})
-        store.write_array(
-            faith, "table", np.array([metrics[key] for key in METRIC_NAMES], dtype=np.float64), ("metric",)
-        )
-        store.write_array(faith, "names", np.array(METRIC_NAMES), ("metric",))
+        _write_faithfulness(run, metrics, split, name)
     return {"kernel": name, "split": split, "surrogate": fit, "faithfulness": metrics}

@@ -174,3 +174,31 @@ def test_evaluate_without_a_surrogate_is_bad_input(tmp_path):
     run = _run_file(tmp_path, "float32")
     result = CliRunner().invoke(app, ["evaluate", run])
     assert result.exit_code == 3 and "faithfulness" in result.stderr
+
+
+def test_demo_end_to_end(tmp_path):
+    """The README's demo: train, save safetensors weights, compute, attribute; one JSON summary with --json."""
+    out = tmp_path / "demo" / "demo.h5"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--epochs", "3", "--kernel", "trace", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["test_accuracy"] > 0.8 and (tmp_path / "demo" / "demo.safetensors").is_file()
+    assert 0 < summary["attribution"]["faithfulness"]["agreement"] <= 1
+    with h5py.File(out) as f:
+        assert f["kernel/trace/train_train"].shape == (1438, 1438)
+        assert f["attribution/scores"].shape == (359, 1438)
+    again = CliRunner().invoke(app, ["demo", "--out", str(out), "--epochs", "1"])
+    assert again.exit_code == 3 and "--overwrite" in again.stderr
+
+
+@pytest.mark.parametrize("normalize", ["scale", "none"])
+def test_attribute_kernel_normalisations(tmp_path, normalize):
+    run = _run_file(tmp_path, "float64")
+    result = CliRunner().invoke(app, ["attribute", run, "--normalize", normalize, "--alpha", "1e-3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    raw = store.read_kernel(run, "trace", "test_train")
+    with h5py.File(run) as f:
+        scale = f["kernel/trace/diag_train"][()].mean() if normalize == "scale" else 1.0
+        W, b, logits = f["surrogate/W"][()], f["surrogate/b"][()], f["surrogate/logits_test"][()]
+        assert f["surrogate"].attrs["normalize"] == normalize
+    np.testing.assert_allclose(raw / scale @ W.T + b, logits, rtol=0, atol=1e-10)

@@ -140,9 +140,7 @@ def test_datasets_chunked_compressed_with_dims(tmp_path):
     path = tmp_path / "run.h5"
     with store.create_run(path, overwrite=False, attrs=_attrs()) as f:
         g = f.create_group("kernel/full")
-        store.write_array(
-            g, "test_train", np.ones((3, 5, 2, 2), np.float32), ("test", "train", "class", "class")
-        )
+        store.write_array(g, "test_train", np.ones((3, 5, 2, 2), np.float32), ("test", "train", "class", "class"))
         store.create_rows(g, "train_train", (3000, 1000), np.float64, ("train", "train"))
         store.create_rows(g, "wide", (4, 300_000), np.float32, ("train", "train"))
         store.create_rows(g, "empty", (0, 7), np.float32, ("train", "feature"))
@@ -209,9 +207,7 @@ def test_cosine_trace(tmp_path, block):
     rng = np.random.default_rng(1)
     gtr, gte = _features(rng, 6, 3), _features(rng, 4, 3)
     k = lambda a, b: np.einsum("ncp,mcp->nm", a, b)  # noqa: E731
-    path = _kernel_file(
-        tmp_path, "trace", k(gtr, gtr), k(gte, gtr), np.diag(k(gtr, gtr)), np.diag(k(gte, gte))
-    )
+    path = _kernel_file(tmp_path, "trace", k(gtr, gtr), k(gte, gtr), np.diag(k(gtr, gtr)), np.diag(k(gte, gte)))
     rows = gtr if block == "train_train" else gte
     raw = k(rows, gtr)
     np.testing.assert_array_equal(store.read_kernel(path, "trace", block), raw)
