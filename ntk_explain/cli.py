@@ -343,8 +343,8 @@ def run_attribute(
     quiet: bool = False,
 ) -> dict:
     """Fit the surrogate on a run file's kernel and add attribution and faithfulness to it."""
-    if alpha < 0:
-        raise UsageError("--alpha must be non-negative")
+    if not alpha > 0:
+        raise UsageError("--alpha must be positive")
     torch_device = resolve_device(device)
     budget = Budget(torch_device, memory_budget(torch_device, max_memory))
     spec = SurrogateSpec(surrogate, alpha, target, normalize, class_weight == "balanced")

@@ -27,7 +27,7 @@ from ntk_explain.kernels import KERNELS, Tiles, contraction, kernel_blocks, outp
 from ntk_explain.loading import Dataset
 from ntk_explain.metrics import METRIC_NAMES, faithfulness
 from ntk_explain.projections import PROJECTIONS, Projection
-from ntk_explain.surrogate import KernelGLM, KernelRidge
+from ntk_explain.surrogate import FeatureKernel, Kernel, KernelGLM, KernelRidge
 
 DEFAULT_DIMS = {"pseudo": 4096, "trace": 10240, "diagonal": 10240, "full": 10240}
 MAX_TILE = 4096  # default cap on rows per tile, so that progress is reported often enough
@@ -308,17 +308,35 @@ def kernel_name(run: h5py.File, requested: str | None) -> str:
         requested = "trace" if "trace" in names or len(names) != 1 else names[0]
     if requested not in names:
         raise BadInputError(f"no kernel {requested!r} in the run file (have: {', '.join(names) or 'none'})")
-    if run[f"kernel/{requested}/train_train"].ndim != 2:
+    if run[f"kernel/{requested}"].attrs.get("kernel") not in ("trace", "pseudo", "ck"):
         raise UsageError(f"--kernel {requested}: attribution needs a scalar kernel (trace, pseudo or ck)")
     return requested
 
 
-def _fit(spec: SurrogateSpec, kernel: Tensor, data: h5py.Group) -> KernelGLM | KernelRidge:
-    logits = torch.from_numpy(data["nn_logits"][()]).to(kernel.device)
+def _fit(spec: SurrogateSpec, kernel: Kernel, data: h5py.Group, device: torch.device) -> KernelGLM | KernelRidge:
+    logits = torch.from_numpy(data["nn_logits"][()]).to(device)
     if spec.kind == "ridge":
         return KernelRidge(spec.alpha).fit(kernel, logits)
-    targets = logits.argmax(1) if spec.target == "model" else torch.from_numpy(data["labels"][()]).to(kernel.device)
+    targets = logits.argmax(1) if spec.target == "model" else torch.from_numpy(data["labels"][()]).to(device)
     return KernelGLM(spec.alpha, spec.balanced).fit(kernel, targets, logits.shape[1])
+
+
+def _train_kernel(group: h5py.Group, normalize: str, budget: Budget) -> Kernel:
+    """The train×train kernel as the surrogate sees it: from the stored features Φ as the operator Φ̃Φ̃ᵀ when the
+    kernel is projected (memory N·D), else read whole (memory N²)."""
+    n = group["diag_train"].shape[0]
+    width = int(np.prod(group["features/train"].shape[1:])) if "features" in group else n
+    if n * width * 8 * 2 > budget.bytes:
+        raise OutOfMemoryError(f"fitting needs {n}×{width} float64 values in memory: raise --max-memory")
+    if "features" not in group:
+        return torch.from_numpy(_kernel_rows(group, "train", 0, n, normalize)).double().to(budget.device)
+    features = torch.from_numpy(group["features/train"][()]).double().reshape(n, -1)
+    diag = torch.from_numpy(group["diag_train"][()]).double()
+    if normalize == "cosine":
+        features = features * torch.where(diag > 0, diag.clamp_min(1e-300).rsqrt(), 0.0)[:, None]
+    elif normalize == "scale":
+        features = features / diag.mean().sqrt()
+    return FeatureKernel(features.to(budget.device))
 
 
 def _kernel_rows(group: h5py.Group, split: str, start: int, stop: int, normalize: str) -> np.ndarray:
@@ -415,8 +433,9 @@ def attribute_run(
 ) -> dict:
     """Fit the surrogate on /kernel/<name>, write /surrogate, /attribution and /faithfulness.
 
-    The train×train kernel is held in memory (float64) for the fit; the explained×train kernel and the scores
-    stream in row blocks sized by the budget. Explained points are the test set, or the training set without one.
+    The fit holds the train×train kernel in memory (float64), or for a projected kernel only its features; the
+    explained×train kernel and the scores stream in row blocks sized by the budget. Explained points are the test
+    set, or the training set when there is none.
     """
     progress = progress or Silent()
     with store.update_run(path) as run:
@@ -427,11 +446,8 @@ def attribute_run(
             raise BadInputError(f"{path} already has /{existing[0]}; pass --overwrite to replace it")
         for g in existing:
             del run[g]
-        n = group["train_train"].shape[0]
-        if n * n * 8 * 2 > budget.bytes:
-            raise OutOfMemoryError(f"fitting needs the {n}×{n} kernel in float64: raise --max-memory")
-        kernel = torch.from_numpy(_kernel_rows(group, "train", 0, n, spec.normalize)).double().to(budget.device)
-        surrogate = _fit(spec, kernel, run["data/train"])
+        kernel = _train_kernel(group, spec.normalize, budget)
+        surrogate = _fit(spec, kernel, run["data/train"], budget.device)
         split = "test" if "test_train" in group else "train"
         explained = run[f"data/{split}"]
         nn_logits = explained["nn_logits"][()]

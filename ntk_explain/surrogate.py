@@ -16,6 +16,29 @@ from torch import Tensor
 SURROGATES = ("kglm", "ridge")
 
 
+@dataclass(frozen=True)
+class FeatureKernel:
+    """K = Φ Φᵀ kept as its features Φ (N, D): `K @ A = Φ (Φᵀ A)` costs O(N·D) per column; K is never formed.
+
+    Stands in for the (N, N) kernel wherever the surrogates only multiply by it.
+    """
+
+    features: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.features.shape[0], self.features.shape[0])
+
+    def to(self, *args: object, **kwargs: object) -> FeatureKernel:
+        return FeatureKernel(self.features.to(*args, **kwargs))
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return self.features @ (self.features.T @ other)
+
+
+Kernel = Tensor | FeatureKernel
+
+
 def class_weights(targets: Tensor, classes: int, balanced: bool) -> Tensor:
     """Per-sample weights: 1, or N / (C_present · n_{y_i}) for `balanced` (scikit-learn's rule)."""
     if not balanced:
@@ -25,7 +48,7 @@ def class_weights(targets: Tensor, classes: int, balanced: bool) -> Tensor:
     return (len(targets) / (present * counts))[targets]
 
 
-def glm_objective(kernel: Tensor, targets: Tensor, weights: Tensor, W: Tensor, b: Tensor, alpha: float) -> Tensor:
+def glm_objective(kernel: Kernel, targets: Tensor, weights: Tensor, W: Tensor, b: Tensor, alpha: float) -> Tensor:
     """L(W, b) = (1/N) Σ_i w_i CE(softmax(W κ_i + b), y_i) + α ‖W‖²_F for κ (N, N), W (C, N)."""
     logits = kernel @ W.T + b
     return (weights * F.cross_entropy(logits, targets, reduction="none")).mean() + alpha * W.square().sum()
@@ -49,12 +72,12 @@ class KernelGLM:
     n_iter_: int = field(init=False, default=0)
     converged_: bool = field(init=False, default=False)
 
-    def fit(self, kernel: Tensor, targets: Tensor, classes: int) -> KernelGLM:
+    def fit(self, kernel: Kernel, targets: Tensor, classes: int) -> KernelGLM:
         """Fit on the train×train kernel (N, N) and class targets (N,) in [0, classes)."""
         kernel = kernel.to(torch.float64)
         weights = class_weights(targets, classes, self.balanced)
-        W = kernel.new_zeros((classes, kernel.shape[1]), requires_grad=True)
-        b = kernel.new_zeros(classes, requires_grad=True)
+        W = torch.zeros((classes, kernel.shape[1]), dtype=torch.float64, device=targets.device, requires_grad=True)
+        b = torch.zeros(classes, dtype=torch.float64, device=targets.device, requires_grad=True)
         optimizer = torch.optim.LBFGS(
             [W, b],
             lr=1,
@@ -80,14 +103,14 @@ class KernelGLM:
         self.loss_ = glm_objective(kernel, targets, weights, self.W_, self.b_, self.alpha).item()
         return self
 
-    def decision_function(self, kernel: Tensor) -> Tensor:
+    def decision_function(self, kernel: Kernel) -> Tensor:
         """Surrogate logits s (M, C) from the kernel (M, N) between the points and the training set."""
         return kernel.to(self.W_.dtype) @ self.W_.T + self.b_
 
-    def predict_proba(self, kernel: Tensor) -> Tensor:
+    def predict_proba(self, kernel: Kernel) -> Tensor:
         return self.decision_function(kernel).softmax(-1)
 
-    def predict(self, kernel: Tensor) -> Tensor:
+    def predict(self, kernel: Kernel) -> Tensor:
         return self.decision_function(kernel).argmax(-1)
 
 
@@ -102,13 +125,24 @@ class KernelRidge:
     W_: Tensor = field(init=False, repr=False)
     b_: Tensor = field(init=False, repr=False)
 
-    def fit(self, kernel: Tensor, logits: Tensor) -> KernelRidge:
-        """Fit on the train×train kernel (N, N) and the network's logits (N, C)."""
+    def fit(self, kernel: Kernel, logits: Tensor) -> KernelRidge:
+        """Fit on the train×train kernel (N, N) and the network's logits (N, C).
+
+        For a FeatureKernel ΦΦᵀ, by Woodbury: (ΦΦᵀ + λI)⁻¹ Y = (Y − Φ (ΦᵀΦ + λI)⁻¹ Φᵀ Y) / λ.
+        """
         kernel, logits = kernel.to(torch.float64), logits.to(torch.float64)
         n = kernel.shape[0]
+        ridge = self.alpha * n
         self.b_ = logits.mean(0)
-        system = kernel + self.alpha * n * torch.eye(n, dtype=kernel.dtype, device=kernel.device)
-        self.W_ = torch.linalg.solve(system, logits - self.b_).T.contiguous()
+        centred = logits - self.b_
+        if isinstance(kernel, FeatureKernel):
+            phi = kernel.features
+            small = phi.T @ phi + ridge * torch.eye(phi.shape[1], dtype=phi.dtype, device=phi.device)
+            solution = (centred - phi @ torch.linalg.solve(small, phi.T @ centred)) / ridge
+        else:
+            system = kernel + ridge * torch.eye(n, dtype=kernel.dtype, device=kernel.device)
+            solution = torch.linalg.solve(system, centred)
+        self.W_ = solution.T.contiguous()
         return self
 
     decision_function = KernelGLM.decision_function

@@ -61,6 +61,10 @@ PROJ_DIM = 4096
 PROJ_TILE = 256
 WARMUP_N = 8
 SLOW_S = 10.0
+ATTRIBUTE_SIZES = {"quick": (1_000, 5_000), "default": (10_000, 50_000)}  # (M explained, N train)
+ATTRIBUTE_DIM = 512
+ATTRIBUTE_CLASSES = 10
+ATTRIBUTE_BUDGET = 2 * 10**9
 
 
 # ---------------------------------------------------------------- worker side (fresh process)
@@ -94,9 +98,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(
-    fn: Callable[[], object], device: torch.device, repeats: int, stop_after: float | None = None
-) -> list[float]:
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, stop_after: float | None = None) -> list[float]:
     """Wall times of up to `repeats` calls; stops early once a call exceeds `stop_after` seconds."""
     times = []
     for _ in range(repeats):
@@ -116,9 +118,7 @@ def make_mlp() -> nn.Sequential:
     from torch import nn
 
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
-    ).eval()
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
 
 
 def make_model(name: str) -> nn.Module:
@@ -182,6 +182,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     device = resolve(args.device)
+    if args.worker in ("synthetic", "attribute"):
+        return attribute_worker(args, device)
     model = make_model(args.model).to(device)
     x = inputs(args.model, args.n)
     base = rss_now_mb()
@@ -222,6 +224,67 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "base_rss_mb": base,
         "peak_rss_mb": peak_rss_mb(),
         "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else None,
+        **extra,
+    }
+
+
+def synthetic_run(path: Path, m: int, n: int, dim: int, classes: int) -> None:
+    """A run file holding a projected pseudo kernel of synthetic features: noisy class clusters in R^dim, and a
+    linear 'network' whose logits are the features' inner products with the cluster centres. It stores the
+    features, the self-kernels and test_train (M, N); attribute fits from the features and needs no train_train."""
+    import numpy as np
+
+    from ntk_explain import store
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(classes, dim))
+    attrs = store.provenance(["bench.py"], {"synthetic": True}, "cpu", 0, "synthetic", None, "synthetic")
+    with store.create_run(path, overwrite=True, attrs=attrs) as run:
+        kernel = run.create_group(f"kernel/pseudo-gaussian-{dim}")
+        features = {}
+        for split, count in (("train", n), ("test", m)):
+            labels = rng.integers(0, classes, count)
+            phi = (centres[labels] + 3.0 * rng.normal(size=(count, dim))).astype(np.float32)
+            features[split] = phi
+            group = run.create_group(f"data/{split}")
+            store.write_array(group, "labels", labels, (split,))
+            store.write_array(group, "index", np.arange(count), (split,))
+            store.write_array(group, "nn_logits", (phi @ centres.T / np.sqrt(dim)).astype(np.float32), (split, "class"))
+            store.write_array(kernel, f"diag_{split}", (phi.astype(np.float64) ** 2).sum(1), (split,))
+        store.write_array(kernel, "features/train", features["train"][:, None, :], ("train", "output", "proj"))
+        test_train = store.create_rows(kernel, "test_train", (m, n), np.float32, ("test", "train"))
+        for start in range(0, m, 1000):
+            test_train[start : start + 1000] = features["test"][start : start + 1000] @ features["train"].T
+        store.set_attrs(kernel, {"kernel": "pseudo", "projection": "gaussian", "proj_dim": dim, "complete": True})
+
+
+def attribute_worker(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """`synthetic`: write the synthetic run file; `attribute`: fit, attribute and score it under the budget."""
+    import torch
+
+    path = Path(args.tmp) / "synthetic.h5"
+    base = rss_now_mb()
+    start = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if args.worker == "synthetic":
+        synthetic_run(path, args.m, args.n, ATTRIBUTE_DIM, ATTRIBUTE_CLASSES)
+    else:
+        from ntk_explain.pipeline import Budget, SurrogateSpec, attribute_run
+
+        summary = attribute_run(str(path), None, SurrogateSpec(), Budget(device, args.budget))
+        extra = {key: summary["faithfulness"][key] for key in ("agreement", "kendall_tau")}
+    elapsed = time.perf_counter() - start
+    return {
+        "worker": args.worker,
+        "device": str(device),
+        "n": args.n,
+        "m": args.m,
+        "times_s": [elapsed],
+        "best_s": elapsed,
+        "base_rss_mb": base,
+        "peak_rss_mb": peak_rss_mb(),
+        "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else None,
+        "file_mb": path.stat().st_size / MB,
         **extra,
     }
 
@@ -286,9 +349,7 @@ def gpu_note(*results: dict[str, Any]) -> str:
 def workload_exact(args: argparse.Namespace, tmp: str, n: int, repeats: int) -> tuple[Row, dict]:
     """1: ours vs the naive vmap(jacrev) + einsum trace kernel at the same N."""
     save = str(Path(tmp) / "ours.npy")
-    ours = measure(
-        "1 ours trace (MLP)", "ours", args, tmp, n=n, repeats=repeats, budget=TRACE_BUDGET, save=save
-    )
+    ours = measure("1 ours trace (MLP)", "ours", args, tmp, n=n, repeats=repeats, budget=TRACE_BUDGET, save=save)
     reference = save if "error" not in ours else None
     naive = measure("1 naive trace (MLP)", "naive", args, tmp, n=n, repeats=repeats, reference=reference)
     row = Row("1 exact trace, MLP 670k", n, ours.get("best_s"), naive.get("best_s"))
@@ -303,12 +364,8 @@ def workload_exact(args: argparse.Namespace, tmp: str, n: int, repeats: int) -> 
 
 def workload_scale(args: argparse.Namespace, tmp: str, n: int) -> tuple[list[Row], dict]:
     """2: ours at large N under a 1.5 GB budget; the naive method at N = 512 only with --full."""
-    ours = measure(
-        "2 ours trace, 1.5 GB budget (MLP)", "ours", args, tmp, n=n, repeats=1, budget=SCALE_BUDGET
-    )
-    row = Row(
-        "2 exact trace at scale, 1.5 GB budget", n, ours.get("best_s"), peak_ours_mb=ours.get("peak_rss_mb")
-    )
+    ours = measure("2 ours trace, 1.5 GB budget (MLP)", "ours", args, tmp, n=n, repeats=1, budget=SCALE_BUDGET)
+    row = Row("2 exact trace at scale, 1.5 GB budget", n, ours.get("best_s"), peak_ours_mb=ours.get("peak_rss_mb"))
     row.note = ours.get("error", f"base RSS {ours.get('base_rss_mb', 0):.0f} MB; target peak < 2000 MB")
     row.note += gpu_note(ours)
     rows, raw = [row], {"ours": ours}
@@ -360,6 +417,23 @@ def workload_project(args: argparse.Namespace, tmp: str, n: int) -> tuple[list[R
     return rows, raw
 
 
+def workload_attribute(args: argparse.Namespace, tmp: str, m: int, n: int) -> tuple[list[Row], dict]:
+    """4: attribute (kGLM fit + streamed scores + metrics) on a synthetic M × N projected kernel, 2 GB budget."""
+    made = measure("4 synthetic run file", "synthetic", args, tmp, n=n, m=m)
+    done = measure("4 attribute", "attribute", args, tmp, n=n, m=m, budget=ATTRIBUTE_BUDGET)
+    row = Row(
+        f"4 attribute, synthetic M={m} × N={n} (d={ATTRIBUTE_DIM})",
+        n,
+        done.get("best_s"),
+        peak_ours_mb=done.get("peak_rss_mb"),
+    )
+    row.note = done.get("error") or (
+        f"budget 2 GB; base RSS {done['base_rss_mb']:.0f} MB; run file {done['file_mb']:.0f} MB "
+        f"(written in {made.get('times_s', [0])[0]:.0f} s); agreement {done['agreement']:.3f}"
+    )
+    return [row], {"synthetic": made, "attribute": done}
+
+
 def fmt(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -389,15 +463,20 @@ def run_all(args: argparse.Namespace) -> None:
     n1, n2, n3 = (128, 2048, 256) if args.quick else (256, 4096, 1024)
     repeats = 1 if args.quick else 3
     mode = "quick" if args.quick else "full run" if args.full else "default"
-    print(
-        f"ntk-explain benchmark ({mode}, --device {args.device}); each line is a fresh process\n", flush=True
-    )
+    print(f"ntk-explain benchmark ({mode}, --device {args.device}); each line is a fresh process\n", flush=True)
+    workloads = {
+        "1": lambda tmp: workload_exact(args, tmp, n1, repeats),
+        "2": lambda tmp: workload_scale(args, tmp, n2),
+        "3": lambda tmp: workload_project(args, tmp, n3),
+        "4": lambda tmp: workload_attribute(args, tmp, *ATTRIBUTE_SIZES["quick" if args.quick else "default"]),
+    }
+    rows, raws = [], {}
     with tempfile.TemporaryDirectory(prefix="ntk-bench-") as tmp:
-        row1, raw1 = workload_exact(args, tmp, n1, repeats)
-        rows2, raw2 = workload_scale(args, tmp, n2)
-        rows3, raw3 = workload_project(args, tmp, n3)
-    rows = [row1, *rows2, *rows3]
-    devices = {r["device"] for raw in (raw1, raw2, raw3) for r in raw.values() if "device" in r}
+        for key in args.only.split(","):
+            found, raw = workloads[key](tmp)
+            rows += found if isinstance(found, list) else [found]
+            raws[key] = raw
+    devices = {r["device"] for raw in raws.values() for r in raw.values() if "device" in r}
     print(f"\ndevice: {', '.join(sorted(devices)) or '?'}; ratio = baseline s / ours s (target ≥ 200×)\n")
     print(markdown(rows))
     if args.json:
@@ -406,7 +485,7 @@ def run_all(args: argparse.Namespace) -> None:
             "device": args.device,
             "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
         }
-        figures["raw"] = {"exact": raw1, "scale": raw2, "project": raw3}
+        figures["raw"] = raws
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
         print(f"\nfigures saved to {args.json}")
 
@@ -418,7 +497,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--json", help="also save the figures to this JSON file")
     worker = parser.add_argument_group("worker (internal)")
-    worker.add_argument("--worker", choices=("ours", "naive", "project"), help=argparse.SUPPRESS)
+    parser.add_argument("--only", default="1,2,3,4", help="comma-separated workloads to run (default: 1,2,3,4)")
+    worker.add_argument(
+        "--worker", choices=("ours", "naive", "project", "synthetic", "attribute"), help=argparse.SUPPRESS
+    )
+    worker.add_argument("--m", type=int, default=1000, help=argparse.SUPPRESS)
     worker.add_argument("--tmp", help=argparse.SUPPRESS)
     worker.add_argument("--n", type=int, default=256, help=argparse.SUPPRESS)
     worker.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)

@@ -202,3 +202,58 @@ def test_attribute_kernel_normalisations(tmp_path, normalize):
         W, b, logits = f["surrogate/W"][()], f["surrogate/b"][()], f["surrogate/logits_test"][()]
         assert f["surrogate"].attrs["normalize"] == normalize
     np.testing.assert_allclose(raw / scale @ W.T + b, logits, rtol=0, atol=1e-10)
+
+
+def test_feature_kernel_fits_equal_dense_fits():
+    """K = ΦΦᵀ as an operator gives the same kGLM and ridge as the formed kernel."""
+    from ntk_explain.surrogate import FeatureKernel
+
+    g = torch.Generator().manual_seed(5)
+    phi = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (50,), generator=g)
+    dense, operator = phi @ phi.T, FeatureKernel(phi)
+    a, b = KernelGLM(alpha=1e-2).fit(dense, y, 3), KernelGLM(alpha=1e-2).fit(operator, y, 3)
+    np.testing.assert_allclose(a.decision_function(dense), b.decision_function(operator), atol=1e-6)
+    logits = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    r1, r2 = KernelRidge(1e-2).fit(dense, logits), KernelRidge(1e-2).fit(operator, logits)
+    np.testing.assert_allclose(r1.W_, r2.W_, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("normalize", ["cosine", "scale"])
+def test_projected_kernels_fit_from_their_features(tmp_path, normalize):
+    """A projected kernel is fitted from its stored features; the result matches a fit on the stored Gram."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("test", 7)):
+        np.savez(tmp_path / f"{split}.npz", x=rng.normal(size=(n, 6)), y=rng.integers(0, 3, n))
+    run = str(tmp_path / "run.h5")
+    args = [
+        "compute",
+        "--model",
+        "tests.models:mlp",
+        "--train",
+        str(tmp_path / "train.npz"),
+        "--test",
+        str(tmp_path / "test.npz"),
+        "--kernel",
+        "pseudo",
+        "--projection",
+        "gaussian",
+        "--proj-dim",
+        "64",
+        "--dtype",
+        "float64",
+        "--out",
+        run,
+        "--quiet",
+    ]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    result = CliRunner().invoke(app, ["attribute", run, "--normalize", normalize, "--alpha", "1e-2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    gram = store.read_kernel(run, "pseudo-gaussian-64", "train_train", normalize=normalize == "cosine")
+    with h5py.File(run) as f:
+        labels = torch.from_numpy(f["data/train/nn_logits"][()].argmax(1))
+        if normalize == "scale":
+            gram = gram / f["kernel/pseudo-gaussian-64/diag_train"][()].mean()
+        stored = f["surrogate/logits_train"][()]
+    dense = KernelGLM(alpha=1e-2).fit(torch.from_numpy(gram), labels, 3)
+    np.testing.assert_allclose(stored, dense.decision_function(torch.from_numpy(gram)), atol=1e-5)
