@@ -36,6 +36,7 @@ from ntk_explain.pipeline import (
 )
 from ntk_explain.projections import PROJECTIONS
 from ntk_explain.resources import memory_budget, resolve_device
+from ntk_explain.surrogate import SURROGATES
 
 app = typer.Typer(
     add_completion=False,
@@ -121,7 +122,7 @@ def _progress_bar(quiet: bool) -> Progress:
 def _split_list(text: str | None, option: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...] | None:
     if text is None:
         return None
-    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    items = tuple(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))  # once each, in order
     bad = [item for item in items if allowed is not None and item not in allowed]
     if not items or bad:
         raise UsageError(f"{option} {text!r}: expected a comma-separated list of {', '.join(allowed or ('globs',))}")
@@ -308,9 +309,7 @@ def info(
         stdout.print(store.info_table(run))
 
 
-class Surrogate(str, Enum):
-    kglm = "kglm"
-    ridge = "ridge"
+Surrogate = Enum("Surrogate", {name: name for name in SURROGATES}, type=str)  # type: ignore[misc]
 
 
 class Target(str, Enum):

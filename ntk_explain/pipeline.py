@@ -381,7 +381,8 @@ def _stream_attribution(
         )
     ]
     logits = np.empty((m, classes))
-    rows = max(1, min(m, budget.bytes // (8 * n * (4 + (classes if all_classes else 0)))))
+    # about eight block-sized float64 temporaries: the read, normalisation, scores and their copies for writing
+    rows = max(1, min(m, budget.bytes // (8 * n * (8 + (classes if all_classes else 0)))))
     progress.start(f"/attribution {split}×train", m)
     for start in range(0, m, rows):
         stop = min(m, start + rows)

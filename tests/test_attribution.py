@@ -50,6 +50,9 @@ def test_kglm_is_deterministic_and_converges():
     one, two = KernelGLM(alpha=1e-3).fit(train, y, 3), KernelGLM(alpha=1e-3).fit(train, y, 3)
     assert one.converged_ and one.n_iter_ > 0
     assert torch.equal(one.W_, two.W_) and torch.equal(one.b_, two.b_)
+    assert torch.equal(one.predict(train), one.decision_function(train).argmax(1))
+    np.testing.assert_allclose(one.predict_proba(train).sum(1), 1.0)
+    assert (one.predict(train) == y).double().mean() > 0.9
     # the gradient of the objective vanishes at the solution
     W, b = one.W_.clone().requires_grad_(), one.b_.clone().requires_grad_()
     glm_objective(train, y, class_weights(y, 3, False), W, b, 1e-3).backward()
