@@ -96,30 +96,15 @@ def test_ridge_solves_its_normal_equations():
     np.testing.assert_allclose(ridge.decision_function(test), test.numpy() @ expected + logits.mean(0).numpy())
 
 
-def _run_file(tmp_path, dtype: str) -> str:
+def _run_file(tmp_path, dtype: str, kernel: tuple[str, ...] = ("--kernel", "trace,full")) -> str:
+    """A run file of the test MLP on 24 train and 7 test points, computed through the CLI."""
     rng = np.random.default_rng(0)
     for split, n in (("train", 24), ("test", 7)):
         np.savez(tmp_path / f"{split}.npz", x=rng.normal(size=(n, 6)), y=rng.integers(0, 3, n))
     out = str(tmp_path / f"run-{dtype}.h5")
-    result = CliRunner().invoke(
-        app,
-        [
-            "compute",
-            "--model",
-            "tests.models:mlp",
-            "--train",
-            str(tmp_path / "train.npz"),
-            "--test",
-            str(tmp_path / "test.npz"),
-            "--kernel",
-            "trace,full",
-            "--dtype",
-            dtype,
-            "--out",
-            out,
-            "--quiet",
-        ],
-    )
+    data = ["--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz")]
+    args = ["compute", "--model", "tests.models:mlp", *data, *kernel, "--dtype", dtype, "--out", out, "--quiet"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return out
 
@@ -225,31 +210,7 @@ def test_feature_kernel_fits_equal_dense_fits():
 @pytest.mark.parametrize("normalize", ["cosine", "scale"])
 def test_projected_kernels_fit_from_their_features(tmp_path, normalize):
     """A projected kernel is fitted from its stored features; the result matches a fit on the stored Gram."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 24), ("test", 7)):
-        np.savez(tmp_path / f"{split}.npz", x=rng.normal(size=(n, 6)), y=rng.integers(0, 3, n))
-    run = str(tmp_path / "run.h5")
-    args = [
-        "compute",
-        "--model",
-        "tests.models:mlp",
-        "--train",
-        str(tmp_path / "train.npz"),
-        "--test",
-        str(tmp_path / "test.npz"),
-        "--kernel",
-        "pseudo",
-        "--projection",
-        "gaussian",
-        "--proj-dim",
-        "64",
-        "--dtype",
-        "float64",
-        "--out",
-        run,
-        "--quiet",
-    ]
-    assert CliRunner().invoke(app, args).exit_code == 0
+    run = _run_file(tmp_path, "float64", ("--kernel", "pseudo", "--projection", "gaussian", "--proj-dim", "64"))
     result = CliRunner().invoke(app, ["attribute", run, "--normalize", normalize, "--alpha", "1e-2", "--quiet"])
     assert result.exit_code == 0, result.output
     gram = store.read_kernel(run, "pseudo-gaussian-64", "train_train", normalize=normalize == "cosine")
@@ -260,3 +221,13 @@ def test_projected_kernels_fit_from_their_features(tmp_path, normalize):
         stored = f["surrogate/logits_train"][()]
     dense = KernelGLM(alpha=1e-2).fit(torch.from_numpy(gram), labels, 3)
     np.testing.assert_allclose(stored, dense.decision_function(torch.from_numpy(gram)), atol=1e-5)
+
+
+def test_attribute_over_budget_is_exit_4_naming_the_option(tmp_path):
+    run = _run_file(tmp_path, "float32")
+    before = Path(run).read_bytes()
+    result = CliRunner().invoke(app, ["attribute", run, "--max-memory", "1KB"])
+    assert result.exit_code == 4 and "--max-memory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert Path(run).read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
