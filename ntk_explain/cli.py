@@ -84,7 +84,7 @@ def _exit_code(error: Exception) -> int:
     if isinstance(error, NtkExplainError):
         message, code = str(error), error.exit_code
     elif isinstance(error, torch.OutOfMemoryError | MemoryError):
-        message, code = str(OutOfMemoryError("out of memory: lower --max-memory or --batch-size")), 4
+        message, code = "out of memory: lower --max-memory or --batch-size", OutOfMemoryError.exit_code
     else:
         message, code = f"unexpected failure: {type(error).__name__}: {error} (rerun with --debug)", 1
     first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
@@ -176,7 +176,8 @@ def run_compute(
     torch_device = resolve_device(device)
     torch_dtype = getattr(torch, dtype)
     budget = Budget(torch_device, memory_budget(torch_device, max_memory), batch_size)
-    loaded = load_model(model, _json_object(model_kwargs, "--model-kwargs"), weights)
+    kwargs = _json_object(model_kwargs, "--model-kwargs")
+    loaded = load_model(model, kwargs, weights)
     net = loaded.module.to(device=torch_device, dtype=torch_dtype).eval()
     data = {"train": load_dataset(train, "train", x_key=x_key, y_key=y_key, dtype=torch_dtype, limit=n_train)}
     if test:
@@ -185,7 +186,7 @@ def run_compute(
     specs = [KernelSpec(k, projection, proj_dim, seed, globs) for k in kernels]
     options = {
         "model": model,
-        "model_kwargs": _json_object(model_kwargs, "--model-kwargs"),
+        "model_kwargs": kwargs,
         "weights": weights,
         "train": train,
         "test": test,
