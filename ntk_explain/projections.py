@@ -11,6 +11,7 @@ is drawn from a generator seeded by (seed, j) on the compute device, so any colu
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,24 +45,12 @@ class Projection:
         """R = scale · Z with Z the drawn N(0, 1) or ±1 entries (1/√d), or 1 for the CountSketch."""
         return 1.0 if self.kind == "sparse" else 1 / math.sqrt(self.dim)
 
-    def _draw(self, index: int, device: torch.device) -> Tensor:
-        """Chunk `index` of Z: dense (d, chunk) float32, or for sparse (2, chunk) int64 rows and signs."""
-        g = torch.Generator(device=device).manual_seed(self.seed * 0x9E3779B1 + index)
-        if self.kind == "gaussian":
-            return torch.randn(self.dim, self.chunk, generator=g, device=device)
-        if self.kind == "rademacher":
-            bits = torch.randint(0, 2, (self.dim, self.chunk), generator=g, device=device, dtype=torch.int8)
-            return bits.float().mul_(2).sub_(1)
-        rows = torch.randint(0, self.dim, (self.chunk,), generator=g, device=device)
-        signs = torch.randint(0, 2, (self.chunk,), generator=g, device=device) * 2 - 1
-        return torch.stack([rows, signs])
-
     def _pieces(self, start: int, stop: int, device: torch.device) -> Iterator[tuple[int, int, Tensor]]:
         """(first, last, Z's columns) covering columns [start, stop), positions relative to `start`."""
         for index in range(start // self.chunk, (stop - 1) // self.chunk + 1):
             low, high = max(start, index * self.chunk), min(stop, (index + 1) * self.chunk)
             chunk_start = index * self.chunk
-            yield low - start, high - start, self._draw(index, device)[:, low - chunk_start : high - chunk_start]
+            yield low - start, high - start, _draw(self, index, device)[:, low - chunk_start : high - chunk_start]
 
     def columns(self, start: int, stop: int, device: torch.device) -> Tensor:
         """Columns [start, stop) of R: (d, stop − start), or for sparse (2, stop − start) rows and signs."""
@@ -76,3 +65,18 @@ class Projection:
                 out.index_add_(out.dim() - 1, piece[0], part * piece[1].to(part.dtype))
             else:
                 out.add_(part @ piece.to(part.dtype).T, alpha=self.scale)
+
+
+@functools.lru_cache(maxsize=4)  # consecutive column blocks reuse a chunk instead of drawing it again
+def _draw(projection: Projection, index: int, device: torch.device) -> Tensor:
+    """Chunk `index` of Z: dense (d, chunk) float32, or for sparse (2, chunk) int64 rows and signs."""
+    dim, chunk = projection.dim, projection.chunk
+    g = torch.Generator(device=device).manual_seed(projection.seed * 0x9E3779B1 + index)
+    if projection.kind == "gaussian":
+        return torch.randn(dim, chunk, generator=g, device=device)
+    if projection.kind == "rademacher":
+        bits = torch.randint(0, 2, (dim, chunk), generator=g, device=device, dtype=torch.int8)
+        return bits.float().mul_(2).sub_(1)
+    rows = torch.randint(0, dim, (chunk,), generator=g, device=device)
+    signs = torch.randint(0, 2, (chunk,), generator=g, device=device) * 2 - 1
+    return torch.stack([rows, signs])
