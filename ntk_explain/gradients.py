@@ -94,10 +94,6 @@ class Factors:
     def n(self) -> int:
         return self.dense.shape[0]
 
-    def nbytes(self) -> int:
-        tensors = (self.dense, *self.deltas, *self.inputs)
-        return sum(t.numel() * t.element_size() for t in tensors)
-
 
 def select_parameters(model: nn.Module, globs: Sequence[str] | None = None) -> dict[str, Tensor]:
     """Trainable parameters whose name matches one of `globs` (all when None), shared ones once."""

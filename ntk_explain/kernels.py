@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ntk_explain.gradients import Factors, TangentPlan
-from ntk_explain.projections import Projection
+from ntk_explain.projections import Projection, count_sketch, hashes, split_dims, tensor_sketch
 
 KERNELS = ("full", "diagonal", "trace", "pseudo", "ck")
 _CLASS_AXES = {"trace": "", "diagonal": "k", "full": "kl"}
@@ -77,6 +77,8 @@ def project(plan: TangentPlan, factors: Factors, projection: Projection, block_n
     block of output rows at a time), so no more than about `block_numel` gradient entries and as many
     entries of R exist at once.
     """
+    if projection.kind == "tensorsketch":
+        return sketch(plan, factors, projection)
     n, k = factors.n, plan.outputs
     out = factors.dense.new_zeros((n, k, projection.dim))
     offsets = plan.offsets()
@@ -100,6 +102,27 @@ def project(plan: TangentPlan, factors: Factors, projection: Projection, block_n
             if layer.bias:
                 projection.add_projection(out, grads[..., -1], offsets[layer.bias] + r0)
     return out
+
+
+def sketch_dims(plan: TangentPlan, dim: int) -> list[int]:
+    """The share of d of each sketched group: the dense parameters (if any), then every factorised layer."""
+    dense = sum(plan.params[name].numel() for name in plan.dense)
+    layers = [layer.out_features * (layer.in_features * bool(layer.weight) + bool(layer.bias)) for layer in plan.layers]
+    return split_dims(dim, ([dense] if dense else []) + layers)
+
+
+def sketch(plan: TangentPlan, factors: Factors, projection: Projection) -> Tensor:
+    """TensorSketch features (n, K, d): a CountSketch of the dense gradients and a TensorSketch of every
+    factorised layer's Σ_s δ_s ã_sᵀ, each into its own share of d (`sketch_dims`), concatenated."""
+    dims = sketch_dims(plan, projection.dim)
+    parts = []
+    if factors.dense.shape[-1]:
+        size = factors.dense.shape[-1]
+        buckets, signs = hashes(projection.seed, 0, size, dims[0], factors.dense.device)
+        parts.append(count_sketch(factors.dense, buckets, signs, dims[0]))
+    for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
+        parts.append(tensor_sketch(delta, inputs, dims[len(parts)], projection.seed, stream))
+    return torch.cat(parts, dim=-1)
 
 
 def mirror(block: Tensor) -> Tensor:

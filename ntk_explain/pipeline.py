@@ -23,7 +23,16 @@ from ntk_explain import store
 from ntk_explain.attribution import all_class_scores, attribution_scores, extremes
 from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
 from ntk_explain.gradients import Factors, penultimate, plan_tangents, tangent_factors
-from ntk_explain.kernels import KERNELS, Tiles, contraction, kernel_blocks, output_map, project, self_kernel
+from ntk_explain.kernels import (
+    KERNELS,
+    Tiles,
+    contraction,
+    kernel_blocks,
+    output_map,
+    project,
+    self_kernel,
+    sketch_dims,
+)
 from ntk_explain.loading import Dataset
 from ntk_explain.metrics import METRIC_NAMES, faithfulness
 from ntk_explain.projections import PROJECTIONS, Projection
@@ -156,6 +165,8 @@ def featurizer(model: nn.Module, spec: KernelSpec, example: Tensor, budget: Budg
             attrs=attrs,
         )
     projection = Projection(spec.projection, spec.proj_dim, spec.seed)
+    if spec.projection == "tensorsketch":
+        attrs["sketch_dims"] = sketch_dims(plan, spec.proj_dim)
     block_numel = max(1, budget.bytes // (8 * itemsize))
 
     def featurize(x: Tensor) -> Factors:

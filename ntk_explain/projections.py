@@ -7,6 +7,10 @@ is drawn from a generator seeded by (seed, j) on the compute device, so any colu
 - gaussian:   R_ij ~ N(0, 1/d)
 - rademacher: R_ij = ±1/√d
 - sparse:     CountSketch, one ±1 per column in a hashed row: R g costs O(P)
+
+`tensorsketch` (Pham & Pagh 2013) sketches a factorised layer's gradient G = Σ_s δ_s ã_sᵀ without forming it:
+TS(G) = IFFT(Σ_s FFT(CS₁ δ_s) ⊙ FFT(CS₂ ã_s)), two independent CountSketches CS₁, CS₂ of the output and input
+sides, O(S(d_out + d_in + d log d)) per sample; E⟨TS G, TS G'⟩ = ⟨G, G'⟩. Each layer gets its own share of d.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-PROJECTIONS = ("none", "gaussian", "rademacher", "sparse")
+PROJECTIONS = ("none", "gaussian", "rademacher", "sparse", "tensorsketch")
 _CHUNK_ELEMENTS = 1 << 20
 
 
@@ -80,3 +84,41 @@ def _draw(projection: Projection, index: int, device: torch.device) -> Tensor:
     rows = torch.randint(0, dim, (chunk,), generator=g, device=device)
     signs = torch.randint(0, 2, (chunk,), generator=g, device=device) * 2 - 1
     return torch.stack([rows, signs])
+
+
+def split_dims(dim: int, sizes: list[int]) -> list[int]:
+    """d split over groups in proportion to their sizes (largest remainders); a group left with 0 takes 1 from
+    the largest share."""
+    if dim < len(sizes):
+        raise ValueError(f"a {dim}-dimensional sketch cannot give each of {len(sizes)} layers a dimension")
+    shares = [dim * size / sum(sizes) for size in sizes]
+    dims = [math.floor(share) for share in shares]
+    for i in sorted(range(len(sizes)), key=lambda i: dims[i] - shares[i])[: dim - sum(dims)]:
+        dims[i] += 1
+    for i in range(len(dims)):
+        if dims[i] == 0:
+            dims[i] = 1
+            dims[dims.index(max(dims))] -= 1
+    return dims
+
+
+def hashes(seed: int, stream: int, size: int, dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A CountSketch [size] → [dim]: buckets and ±1 signs, drawn from (seed, stream)."""
+    g = torch.Generator(device=device).manual_seed(seed * 0x9E3779B1 + 0x632BE5AB * (stream + 1))
+    buckets = torch.randint(0, dim, (size,), generator=g, device=device)
+    signs = torch.randint(0, 2, (size,), generator=g, device=device) * 2 - 1
+    return buckets, signs
+
+
+def count_sketch(x: Tensor, buckets: Tensor, signs: Tensor, dim: int) -> Tensor:
+    """CS(x)_b = Σ_{i: h(i)=b} s(i) x_i along the last axis: (..., size) → (..., dim)."""
+    out = x.new_zeros((*x.shape[:-1], dim))
+    return out.index_add_(x.dim() - 1, buckets, x * signs.to(x.dtype))
+
+
+def tensor_sketch(delta: Tensor, inputs: Tensor, dim: int, seed: int, stream: int) -> Tensor:
+    """TS(Σ_s δ_s ã_sᵀ) (n, K, dim) for δ (n, K, S, O) and ã (n, S, I): the sketch of the O×I gradient."""
+    out_side = count_sketch(delta, *hashes(seed, 2 * stream, delta.shape[-1], dim, delta.device), dim)
+    in_side = count_sketch(inputs, *hashes(seed, 2 * stream + 1, inputs.shape[-1], dim, inputs.device), dim)
+    product = torch.einsum("nksf,nsf->nkf", torch.fft.rfft(out_side, n=dim), torch.fft.rfft(in_side, n=dim))
+    return torch.fft.irfft(product, n=dim)

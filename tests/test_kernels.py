@@ -7,9 +7,9 @@ import torch
 
 from ntk_explain import store
 from ntk_explain.gradients import penultimate, plan_tangents, tangent_factors
-from ntk_explain.kernels import project
+from ntk_explain.kernels import project, sketch_dims
 from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel
-from ntk_explain.projections import Projection
+from ntk_explain.projections import Projection, hashes, split_dims
 from tests import reference
 from tests.models import MODELS
 
@@ -124,7 +124,7 @@ def test_projection_columns_do_not_depend_on_the_range():
     assert not torch.equal(whole, Projection("gaussian", 300, seed=6).columns(0, 20000, torch.device("cpu")))
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sparse"])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sparse", "tensorsketch"])
 def test_projected_kernels_are_unbiased(tmp_path, kind):
     """The mean over 8 seeds is much closer to the exact kernel than one seed is (error ~ 1/√seeds)."""
     model = MODELS["mlp"][0]()
@@ -191,3 +191,44 @@ def test_exported_program_kernel(tmp_path):
     got, _ = computed(tmp_path, exported, KernelSpec("diagonal"), train, test, batch_size=2)
     j_train, j_test = reference.jacobian(model, train), reference.jacobian(model, test)
     assert rel(got["test_train"], reference.kernel(j_test, j_train, "diagonal")) < TOL
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_tensorsketch_is_the_sketch_of_each_layer_gradient(name):
+    """FFT path vs the definition: TS(G)_b = Σ_{(h₁(o) + h₂(i)) mod d = b} s₁(o) s₂(i) G_oi, G = Σ_s δ_s ã_sᵀ;
+    dense parameters by a CountSketch of their gradients."""
+    model = MODELS[name][0]()
+    x = data(name, 3, 0)
+    plan = plan_tangents(model, x[0])
+    factors = tangent_factors(model, plan, x)
+    got = project(plan, factors, Projection("tensorsketch", 40, seed=7), block_numel=0)
+    dims = sketch_dims(plan, 40)
+    assert got.shape == (3, plan.outputs, 40) and sum(dims) == 40
+    parts = []
+    if factors.dense.shape[-1]:
+        buckets, signs = hashes(7, 0, factors.dense.shape[-1], dims[0], torch.device("cpu"))
+        matrix = torch.zeros(dims[0], factors.dense.shape[-1], dtype=torch.float64)
+        matrix[buckets, torch.arange(len(buckets))] = signs.double()
+        parts.append(factors.dense @ matrix.T)
+    for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
+        d = dims[len(parts)]
+        h1, s1 = hashes(7, 2 * stream, delta.shape[-1], d, torch.device("cpu"))
+        h2, s2 = hashes(7, 2 * stream + 1, inputs.shape[-1], d, torch.device("cpu"))
+        gradient = torch.einsum("nkso,nsi->nkoi", delta, inputs)
+        bucket = (h1[:, None] + h2[None, :]) % d
+        sign = (s1[:, None] * s2[None, :]).double()
+        layer = torch.zeros(*gradient.shape[:2], d, dtype=torch.float64)
+        layer.index_add_(2, bucket.flatten(), (gradient * sign).flatten(2))
+        parts.append(layer)
+    assert rel(got, torch.cat(parts, dim=-1)) < 1e-12
+
+
+def test_sketch_dimensions_follow_layer_sizes():
+    assert split_dims(10, [1, 1]) == [5, 5]
+    assert split_dims(100, [900, 90, 10]) == [90, 9, 1]
+    assert split_dims(100, [995, 4, 1]) == [98, 1, 1]
+    assert split_dims(3, [10**6, 1, 1]) == [1, 1, 1]
+    dims = split_dims(4096, [401920, 262656, 5130])
+    assert sum(dims) == 4096 and dims[0] > dims[1] > dims[2] >= 1
+    with pytest.raises(ValueError):
+        split_dims(2, [1, 1, 1])
