@@ -324,12 +324,16 @@ def kernel_name(run: h5py.File, requested: str | None) -> str:
     return requested
 
 
-def _fit(spec: SurrogateSpec, kernel: Kernel, data: h5py.Group, device: torch.device) -> KernelGLM | KernelRidge:
+def _fit(
+    spec: SurrogateSpec, kernel: Kernel, data: h5py.Group, device: torch.device, progress: Progress
+) -> KernelGLM | KernelRidge:
     logits = torch.from_numpy(data["nn_logits"][()]).to(device)
     if spec.kind == "ridge":
         return KernelRidge(spec.alpha).fit(kernel, logits)
     targets = logits.argmax(1) if spec.target == "model" else torch.from_numpy(data["labels"][()]).to(device)
-    return KernelGLM(spec.alpha, spec.balanced).fit(kernel, targets, logits.shape[1])
+    glm = KernelGLM(spec.alpha, spec.balanced)
+    progress.start("fit kGLM (L-BFGS evaluations)", glm.max_iter)
+    return glm.fit(kernel, targets, logits.shape[1], progress.advance)
 
 
 def _train_kernel(group: h5py.Group, normalize: str, budget: Budget) -> Kernel:
@@ -459,7 +463,7 @@ def attribute_run(
         for g in existing:
             del run[g]
         kernel = _train_kernel(group, spec.normalize, budget)
-        surrogate = _fit(spec, kernel, run["data/train"], budget.device)
+        surrogate = _fit(spec, kernel, run["data/train"], budget.device, progress)
         split = "test" if "test_train" in group else "train"
         explained = run[f"data/{split}"]
         nn_logits = explained["nn_logits"][()]

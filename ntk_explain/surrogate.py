@@ -7,6 +7,7 @@ is what makes attribution exact: A_c(x, x_j) = W_cj κ(x, x_j) + b_c/N sums to s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -72,8 +73,11 @@ class KernelGLM:
     n_iter_: int = field(init=False, default=0)
     converged_: bool = field(init=False, default=False)
 
-    def fit(self, kernel: Kernel, targets: Tensor, classes: int) -> KernelGLM:
-        """Fit on the train×train kernel (N, N) and class targets (N,) in [0, classes)."""
+    def fit(
+        self, kernel: Kernel, targets: Tensor, classes: int, on_evaluation: Callable[[], None] | None = None
+    ) -> KernelGLM:
+        """Fit on the train×train kernel (N, N) and class targets (N,) in [0, classes); `on_evaluation` is called
+        after each evaluation of the objective (for progress)."""
         kernel = kernel.to(torch.float64)
         weights = class_weights(targets, classes, self.balanced)
         W = torch.zeros((classes, kernel.shape[1]), dtype=torch.float64, device=targets.device, requires_grad=True)
@@ -92,6 +96,8 @@ class KernelGLM:
             optimizer.zero_grad()
             loss = glm_objective(kernel, targets, weights, W, b, self.alpha)
             loss.backward()
+            if on_evaluation is not None:
+                on_evaluation()
             return loss
 
         optimizer.step(closure)
