@@ -222,6 +222,7 @@ def _store_features(
     group: h5py.Group,
     features: Featurizer,
     sets: list[Tensor],
+    dim: int,
     tile: int,
     device: torch.device,
     progress: Progress,
@@ -229,20 +230,12 @@ def _store_features(
     """Projected features R g_k of every set, tile by tile, into features/<split> (n, K, d)."""
     datasets = []
     for split, x in zip(("train", "test"), sets, strict=False):
+        shape = (len(x), features.classes, dim)
+        dataset = store.create_rows(group, f"features/{split}", shape, _np(x.dtype), (split, "output", "proj"))
         progress.start(f"{group.name} features {split}", len(x))
-        dataset = None
         for start in range(0, len(x), tile):
             stop = min(len(x), start + tile)
-            values = features.featurize(x[start:stop].to(device)).dense.cpu().numpy()
-            if dataset is None:
-                dataset = store.create_rows(
-                    group,
-                    f"features/{split}",
-                    (len(x), *values.shape[1:]),
-                    values.dtype,
-                    (split, "output", "proj"),
-                )
-            dataset[start:stop] = values
+            dataset[start:stop] = features.featurize(x[start:stop].to(device)).dense.cpu().numpy()
             progress.advance(stop - start)
         datasets.append(dataset)
     return datasets
@@ -265,7 +258,7 @@ def compute_kernel(
     tile = _tile_size(len(train), features.work_bytes, features.pair_bytes, budget)
     keep = sum(len(x) for x in sets) * features.kept_bytes <= budget.bytes // 4
     if spec.projected:
-        datasets = _store_features(group, features, sets, tile, budget.device, progress)
+        datasets = _store_features(group, features, sets, spec.proj_dim, tile, budget.device, progress)
         tiles = [Tiles(_stored(ds, budget.device), ds.shape[0], tile, keep) for ds in datasets]
     else:
         tiles = [
