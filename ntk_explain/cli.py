@@ -7,11 +7,14 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+import h5py
 import torch
 import typer
 from rich.console import Console
@@ -20,17 +23,20 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 from ntk_explain import store, zoo
-from ntk_explain.errors import NtkExplainError, OutOfMemoryError, UsageError
+from ntk_explain.distillation import DISTILL_METRICS, KIP, METHODS, SELECTIONS
+from ntk_explain.errors import BadInputError, NtkExplainError, OutOfMemoryError, UsageError
 from ntk_explain.kernels import KERNELS
-from ntk_explain.loading import check_model_on_data, load_dataset, load_model
+from ntk_explain.loading import Dataset, check_model_on_data, load_dataset, load_model
 from ntk_explain.metrics import METRIC_NAMES
 from ntk_explain.pipeline import (
     NORMALIZATIONS,
     Budget,
+    DistillSpec,
     KernelSpec,
     SurrogateSpec,
     attribute_run,
     compute_kernel,
+    distill_support,
     network_logits,
     write_data,
 )
@@ -141,6 +147,76 @@ def _json_object(text: str | None, option: str) -> dict:
     return value
 
 
+@dataclass
+class Inputs:
+    """A loaded model and data sets on their device, with the options and provenance of the run."""
+
+    net: torch.nn.Module
+    data: dict[str, Dataset]
+    budget: Budget
+    classes: int
+    options: dict
+    attrs: dict
+
+
+def load_inputs(
+    *,
+    model: str,
+    train: str,
+    test: str | None,
+    weights: str | None,
+    model_kwargs: str | None,
+    x_key: str,
+    y_key: str,
+    n_train: int | None,
+    n_test: int | None,
+    device: str,
+    dtype: str,
+    batch_size: int | None,
+    max_memory: str | None,
+    seed: int,
+    options: dict,
+) -> Inputs:
+    """Validate the options shared by compute and distill, load the model and the data; `options` are recorded too."""
+    if batch_size is not None and batch_size < 1:
+        raise UsageError("--batch-size must be positive")
+    torch_device = resolve_device(device)
+    torch_dtype = getattr(torch, dtype)
+    budget = Budget(torch_device, memory_budget(torch_device, max_memory), batch_size)
+    kwargs = _json_object(model_kwargs, "--model-kwargs")
+    loaded = load_model(model, kwargs, weights)
+    net = loaded.module.to(device=torch_device, dtype=torch_dtype).eval()
+    data = {"train": load_dataset(train, "train", x_key=x_key, y_key=y_key, dtype=torch_dtype, limit=n_train)}
+    if test:
+        data["test"] = load_dataset(test, "test", x_key=x_key, y_key=y_key, dtype=torch_dtype, limit=n_test)
+    classes = max(check_model_on_data(net, d) for d in data.values())
+    options = {
+        "model": model,
+        "model_kwargs": kwargs,
+        "weights": weights,
+        "train": train,
+        "test": test,
+        **options,
+        "device": str(torch_device),
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "max_memory": budget.bytes,
+        "seed": seed,
+        "n_train": n_train,
+        "n_test": n_test,
+    }
+    attrs = store.provenance(
+        sys.argv,
+        options,
+        str(torch_device),
+        seed,
+        loaded.model_sha256,
+        loaded.weights_sha256,
+        {split: d.sha256 for split, d in data.items()},
+    )
+    return Inputs(net, data, budget, classes, options, attrs)
+
+
 def run_compute(
     *,
     model: str,
@@ -171,57 +247,42 @@ def run_compute(
     globs = _split_list(params, "--params")
     if proj_dim is not None and proj_dim < 1:
         raise UsageError("--proj-dim must be positive")
-    if batch_size is not None and batch_size < 1:
-        raise UsageError("--batch-size must be positive")
-    torch_device = resolve_device(device)
-    torch_dtype = getattr(torch, dtype)
-    budget = Budget(torch_device, memory_budget(torch_device, max_memory), batch_size)
-    kwargs = _json_object(model_kwargs, "--model-kwargs")
-    loaded = load_model(model, kwargs, weights)
-    net = loaded.module.to(device=torch_device, dtype=torch_dtype).eval()
-    data = {"train": load_dataset(train, "train", x_key=x_key, y_key=y_key, dtype=torch_dtype, limit=n_train)}
-    if test:
-        data["test"] = load_dataset(test, "test", x_key=x_key, y_key=y_key, dtype=torch_dtype, limit=n_test)
-    classes = max(check_model_on_data(net, d) for d in data.values())
-    specs = [KernelSpec(k, projection, proj_dim, seed, globs) for k in kernels]
     options = {
-        "model": model,
-        "model_kwargs": kwargs,
-        "weights": weights,
-        "train": train,
-        "test": test,
         "kernel": list(kernels),
         "projection": projection,
         "proj_dim": proj_dim,
         "params": list(globs or ["*"]),
-        "device": str(torch_device),
-        "dtype": dtype,
-        "batch_size": batch_size,
-        "max_memory": budget.bytes,
-        "seed": seed,
-        "n_train": n_train,
-        "n_test": n_test,
     }
-    attrs = store.provenance(
-        sys.argv,
-        options,
-        str(torch_device),
-        seed,
-        loaded.model_sha256,
-        loaded.weights_sha256,
-        {split: d.sha256 for split, d in data.items()},
+    inputs = load_inputs(
+        model=model,
+        train=train,
+        test=test,
+        weights=weights,
+        model_kwargs=model_kwargs,
+        x_key=x_key,
+        y_key=y_key,
+        n_train=n_train,
+        n_test=n_test,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        max_memory=max_memory,
+        seed=seed,
+        options=options,
     )
+    data, budget = inputs.data, inputs.budget
+    specs = [KernelSpec(k, projection, proj_dim, seed, globs) for k in kernels]
     started = time.perf_counter()
-    summary: dict = {"out": str(out), "device": str(torch_device), "classes": classes, "kernels": {}}
-    with _progress_bar(quiet) as bar, store.create_run(out, overwrite=overwrite, attrs=attrs) as run:
+    summary: dict = {"out": str(out), "device": str(budget.device), "classes": inputs.classes, "kernels": {}}
+    with _progress_bar(quiet) as bar, store.create_run(out, overwrite=overwrite, attrs=inputs.attrs) as run:
         progress = RichProgress(bar)
         for split, dataset in data.items():
-            write_data(run, split, dataset, network_logits(net, dataset.x, budget))
+            write_data(run, split, dataset, network_logits(inputs.net, dataset.x, budget))
             summary[f"n_{split}"] = len(dataset.x)
         for spec in specs:
             began = time.perf_counter()
             kernel_attrs = compute_kernel(
-                run, net, spec, data["train"].x, data["test"].x if "test" in data else None, budget, progress
+                run, inputs.net, spec, data["train"].x, data["test"].x if "test" in data else None, budget, progress
             )
             summary["kernels"][spec.name] = {**kernel_attrs, "seconds": round(time.perf_counter() - began, 3)}
     summary["seconds"] = round(time.perf_counter() - started, 3)
@@ -308,6 +369,9 @@ def info(
         typer.echo(json.dumps({"attrs": store.root_attrs(run), "items": store.summarize(run)}, default=str))
     else:
         stdout.print(store.info_table(run))
+        distilled = store.distill_table(run)
+        if distilled is not None:
+            stdout.print(distilled)
 
 
 Surrogate = Enum("Surrogate", {name: name for name in SURROGATES}, type=str)  # type: ignore[misc]
@@ -361,13 +425,20 @@ def run_attribute(
         )
 
 
-def _metrics_table(metrics: dict) -> Table:
+def _metrics_table(metrics: dict, distilled: dict | None = None) -> Table:
+    """The faithfulness metrics; beside them those of the surrogate on the distilled support, when given."""
+    columns = {
+        "value" if distilled is None else "full data": metrics,
+        **({"distilled": distilled} if distilled else {}),
+    }
     table = Table(title="faithfulness", title_justify="left")
     table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in METRIC_NAMES:
-        value = metrics[key]
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for label in columns:
+        table.add_column(label, justify="right")
+    keys = [key for key in (*METRIC_NAMES, *DISTILL_METRICS) if any(key in c for c in columns.values())]
+    for key in keys:
+        cells = [c.get(key, "") for c in columns.values()]
+        table.add_row(key, *(f"{v:.4f}" if isinstance(v, float) else str(v) for v in cells))
     return table
 
 
@@ -425,12 +496,15 @@ def evaluate(
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:
-    """Show the surrogate's faithfulness metrics."""
-    metrics = store.group_attrs(run, "faithfulness")
+    """Show the surrogate's faithfulness metrics, beside those of the distilled support's surrogate when both exist."""
+    found = store.faithfulness(run)
+    full, distilled = found.get("faithfulness"), found.get("distill/faithfulness")
     if as_json:
-        typer.echo(json.dumps(metrics, default=str))
+        typer.echo(json.dumps({**(full or {}), **({"distilled": distilled} if distilled else {})}, default=str))
+    elif full is None:
+        stdout.print(_metrics_table(distilled))
     else:
-        stdout.print(_metrics_table(metrics))
+        stdout.print(_metrics_table(full, distilled))
 
 
 @app.command()
@@ -488,6 +562,150 @@ def demo(
     elif not quiet:
         stdout.print(_metrics_table(explained["faithfulness"]))
         stdout.print(_proponents_table(out, rows=3, top=3))
+
+
+Method = Enum("Method", {m: m for m in METHODS}, type=str)  # type: ignore[misc]
+Selection = Enum("Selection", {m: m for m in SELECTIONS}, type=str)  # type: ignore[misc]
+
+
+@contextmanager
+def _distill_target(out: Path, inputs: Inputs, overwrite: bool) -> Iterator[h5py.File]:
+    """A new run file, or an existing one of the same data, whose /distill is replaced only with --overwrite."""
+    store.check_target(out, overwrite=True)
+    if not out.exists():
+        with store.create_run(out, overwrite=False, attrs=inputs.attrs) as run:
+            for split, dataset in inputs.data.items():
+                write_data(run, split, dataset, network_logits(inputs.net, dataset.x, inputs.budget))
+            yield run
+        return
+    with store.update_run(out) as run:
+        for split, dataset in inputs.data.items():
+            if run.get(f"data/{split}") is None or run[f"data/{split}"].attrs.get("sha256") != dataset.sha256:
+                raise BadInputError(f"{out} holds other {split} data; distil into a new --out")
+        for name in ("distill", "kernel/distilled"):
+            if name in run and not overwrite:
+                raise BadInputError(f"{out} already has /{name}; pass --overwrite to replace it")
+            if name in run:
+                del run[name]
+        yield run
+
+
+def _export_support(run: Path, path: Path) -> None:
+    """The support as safetensors: inputs (kip, select), features, labels, classes and source rows."""
+    with store.open_run(run) as f:
+        group = f["distill"]
+        tensors = {
+            key: torch.from_numpy(group[key][()]) for key in ("inputs", "labels", "classes", "source") if key in group
+        }
+        tensors["features"] = torch.from_numpy(f["kernel/distilled/features/train"][()])
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@app.command()
+@reported
+def distill(
+    model: Annotated[str, typer.Option(help="pkg.module:factory, zoo:NAME (mlp, cnn) or a torch.export .pt2 file.")],
+    train: Annotated[str, typer.Option(help="Training data to distil: .npz, .safetensors, .h5 or zoo:digits.")],
+    out: Annotated[Path, typer.Option(help="The run file: new, or one of the same data (e.g. from compute).")],
+    test: Annotated[str | None, typer.Option(help="Data to explain with the support (rows of test_train).")] = None,
+    weights: Annotated[str | None, typer.Option(help=".safetensors, or .pt/.pth (loaded weights_only).")] = None,
+    model_kwargs: Annotated[str | None, typer.Option(help="JSON object of factory arguments.")] = None,
+    method: Annotated[
+        Method, typer.Option(help="kip: synthetic inputs; gradient: synthetic features; select.")
+    ] = "kip",
+    select: Annotated[Selection, typer.Option(help="The subset rule of --method select.")] = "random",
+    reduction: Annotated[float | None, typer.Option(help="Support size m = N/R (default 20).", min=1.0)] = None,
+    per_class: Annotated[
+        int | None, typer.Option(help="Support points per class, instead of --reduction.", min=1)
+    ] = None,
+    kernel: Annotated[
+        str, typer.Option(help="pseudo or trace: the eNTK distilled and the support's kernel.")
+    ] = "pseudo",
+    projection: Annotated[Projection, typer.Option(help="Random projection of the gradients (not none).")] = "sparse",
+    proj_dim: Annotated[
+        int | None, typer.Option(help="Projection dimension (default 10240; pseudo 4096).", min=1)
+    ] = None,
+    target: Annotated[Target, typer.Option(help="Classes of the training points: predictions or labels.")] = "model",
+    steps: Annotated[int, typer.Option(help="kip: Adam steps.", min=1)] = 200,
+    lr: Annotated[float, typer.Option(help="kip: Adam learning rate.", min=0.0)] = 1e-2,
+    reg: Annotated[float, typer.Option(help="kip: ridge λ of K_ss + λ tr(K_ss)/m I.", min=0.0)] = 1e-3,
+    kip_batch: Annotated[int, typer.Option(help="kip: real target points per step (class-balanced).", min=1)] = 256,
+    learn_labels: Annotated[bool, typer.Option(help="kip: learn the support's labels too.")] = True,
+    export: Annotated[Path | None, typer.Option(help="Also write the support to this .safetensors file.")] = None,
+    x_key: Annotated[str, typer.Option(help="Name of the input array in data files.")] = "x",
+    y_key: Annotated[str, typer.Option(help="Name of the label array in data files.")] = "y",
+    n_train: Annotated[int | None, typer.Option(help="Use only the first N training points.", min=1)] = None,
+    n_test: Annotated[int | None, typer.Option(help="Use only the first M test points.", min=1)] = None,
+    device: Device = "auto",
+    dtype: Annotated[DType, typer.Option(help="Computation and storage precision.")] = DType.float32,
+    batch_size: Annotated[int | None, typer.Option(help="Most rows per feature tile.", min=1)] = None,
+    max_memory: MaxMemory = None,
+    seed: Annotated[int, typer.Option(help="Seed of the projection, the selection and kip.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing /distill in --out, and --export.")] = False,
+    quiet: Quiet = False,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Distil the training set into m ≪ N support points (the distilled NTK); write their kernel with the test set."""
+    if reduction is not None and per_class is not None:
+        raise UsageError("give --reduction or --per-class, not both")
+    if kernel not in ("pseudo", "trace"):
+        raise UsageError(f"--kernel {kernel!r}: distil a pseudo or trace kernel")
+    if Projection(projection).value == "none":
+        raise UsageError("--projection none: distillation works on projected features; choose a projection")
+    if export is not None:
+        store.check_target(export, overwrite=overwrite)
+    spec = KernelSpec(kernel, Projection(projection).value, proj_dim, seed)
+    plan = DistillSpec(
+        Method(method).value,
+        Selection(select).value,
+        (reduction or 20.0) if per_class is None else None,
+        per_class,
+        Target(target).value,
+        KIP(steps, lr, reg, kip_batch, learn_labels),
+        seed=seed,
+    )
+    options = {"kernel": [spec.name], "projection": spec.projection, "proj_dim": spec.proj_dim}
+    options["distill"] = plan.options()
+    inputs = load_inputs(
+        model=model,
+        train=train,
+        test=test,
+        weights=weights,
+        model_kwargs=model_kwargs,
+        x_key=x_key,
+        y_key=y_key,
+        n_train=n_train,
+        n_test=n_test,
+        device=device,
+        dtype=DType(dtype).value,
+        batch_size=batch_size,
+        max_memory=max_memory,
+        seed=seed,
+        options=options,
+    )
+    train_data = inputs.data["train"]
+    with _progress_bar(quiet) as bar, _distill_target(out, inputs, overwrite) as run:
+        logits = torch.from_numpy(run["data/train/nn_logits"][()])
+        test_x = inputs.data["test"].x if "test" in inputs.data else None
+        summary = distill_support(
+            run, inputs.net, spec, plan, train_data, logits, test_x, inputs.budget, RichProgress(bar)
+        )
+    if export is not None:
+        _export_support(out, export)
+    summary = {"out": str(out), **summary}
+    if as_json:
+        typer.echo(json.dumps(summary, default=str))
+    elif not quiet:
+        typer.echo(
+            f"wrote {out}: {summary['method']} support of {summary['m']} points for {summary['n_train']} "
+            f"({summary['reduction']:.1f}× fewer), {summary['jacobians']} Jacobians in {summary['seconds']:.1f}s"
+        )
 
 
 def _proponents_table(run: Path, rows: int, top: int) -> Table:

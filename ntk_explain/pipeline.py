@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
 import h5py
@@ -21,6 +22,20 @@ from torch import Tensor, nn
 
 from ntk_explain import store
 from ntk_explain.attribution import all_class_scores, attribution_scores, extremes
+from ntk_explain.distillation import (
+    KIP,
+    METHODS,
+    SELECTIONS,
+    allocate,
+    centred_one_hot,
+    class_ranks,
+    gradient_support,
+    kernel_alignment,
+    nearest,
+    predictor_kernel,
+    select,
+    unit_rows,
+)
 from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
 from ntk_explain.gradients import Factors, penultimate, plan_tangents, tangent_factors
 from ntk_explain.kernels import (
@@ -34,7 +49,7 @@ from ntk_explain.kernels import (
     sketch_dims,
 )
 from ntk_explain.loading import Dataset
-from ntk_explain.metrics import METRIC_NAMES, faithfulness
+from ntk_explain.metrics import faithfulness
 from ntk_explain.projections import PROJECTIONS, Projection
 from ntk_explain.surrogate import FeatureKernel, Kernel, KernelGLM, KernelRidge
 
@@ -218,6 +233,18 @@ def _stored(dataset: h5py.Dataset, device: torch.device) -> Callable[[int, int],
     return lambda start, stop: Factors(torch.from_numpy(dataset[start:stop]).to(device), (), ())
 
 
+def _feature_tiles(
+    features: Featurizer, x: Tensor, tile: int, device: torch.device, progress: Progress, description: str
+) -> Iterator[tuple[slice, Tensor]]:
+    """(rows, projected features R g_k (rows, K, d)) of x, tile by tile, with progress."""
+    progress.start(description, len(x))
+    for start in range(0, len(x), tile):
+        stop = min(len(x), start + tile)
+        with torch.no_grad():
+            yield slice(start, stop), features.featurize(x[start:stop].to(device)).dense
+        progress.advance(stop - start)
+
+
 def _store_features(
     group: h5py.Group,
     features: Featurizer,
@@ -232,13 +259,38 @@ def _store_features(
     for split, x in zip(("train", "test"), sets, strict=False):
         shape = (len(x), features.classes, dim)
         dataset = store.create_rows(group, f"features/{split}", shape, _np(x.dtype), (split, "output", "proj"))
-        progress.start(f"{group.name} features {split}", len(x))
-        for start in range(0, len(x), tile):
-            stop = min(len(x), start + tile)
-            dataset[start:stop] = features.featurize(x[start:stop].to(device)).dense.cpu().numpy()
-            progress.advance(stop - start)
+        for rows, values in _feature_tiles(features, x, tile, device, progress, f"{group.name} features {split}"):
+            dataset[rows] = values.cpu().numpy()
         datasets.append(dataset)
     return datasets
+
+
+def _feature_kernel(
+    group: h5py.Group,
+    how: str,
+    datasets: list[h5py.Dataset],
+    classes: int,
+    tile: int,
+    keep: bool,
+    device: torch.device,
+    progress: Progress,
+) -> None:
+    """The kernel blocks and diagonals of stored features features/{train,test} (n, K, d)."""
+    tiles = [Tiles(_stored(ds, device), ds.shape[0], tile, keep) for ds in datasets]
+    _write_kernel(group, how, tiles[0], tiles[1] if len(tiles) > 1 else None, classes, datasets[0].dtype, progress)
+
+
+def _kernel_attrs(spec: KernelSpec, features: Featurizer, tile: int) -> dict:
+    return {
+        "kernel": spec.kernel,
+        "projection": spec.projection if spec.projected else "none",
+        "proj_dim": spec.proj_dim,
+        "seed": spec.seed,
+        "params": json.dumps(spec.params or ["*"]),
+        **features.attrs,
+        "tile": tile,
+        "complete": True,
+    }
 
 
 def compute_kernel(
@@ -257,32 +309,225 @@ def compute_kernel(
     features = featurizer(model, spec, train[0].to(budget.device), budget)
     tile = _tile_size(len(train), features.work_bytes, features.pair_bytes, budget)
     keep = sum(len(x) for x in sets) * features.kept_bytes <= budget.bytes // 4
+    how = contraction(spec.kernel)
     if spec.projected:
         datasets = _store_features(group, features, sets, spec.proj_dim, tile, budget.device, progress)
-        tiles = [Tiles(_stored(ds, budget.device), ds.shape[0], tile, keep) for ds in datasets]
+        _feature_kernel(group, how, datasets, features.classes, tile, keep, budget.device, progress)
     else:
         tiles = [
             Tiles(lambda s, e, x=x: features.featurize(x[s:e].to(budget.device)), len(x), tile, keep) for x in sets
         ]
-    _write_kernel(
-        group,
-        contraction(spec.kernel),
-        tiles[0],
-        tiles[1] if len(tiles) > 1 else None,
-        features.classes,
-        _np(train.dtype),
+        _write_kernel(
+            group, how, tiles[0], tiles[1] if len(tiles) > 1 else None, features.classes, _np(train.dtype), progress
+        )
+    attrs = _kernel_attrs(spec, features, tile)
+    store.set_attrs(group, attrs)
+    return attrs
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """How `distill` builds its support: the method, its size (m = N/reduction, or per_class per class), the classes
+    (the network's predictions or the labels) and, for kip, the optimiser's settings."""
+
+    method: str = "kip"
+    selection: str = "random"
+    reduction: float | None = 20.0
+    per_class: int | None = None
+    target: str = "model"
+    kip: KIP = field(default_factory=KIP)
+    neighbours: int = 5
+    seed: int = 0
+
+    def options(self) -> dict:
+        """The settings as recorded in the run file's provenance."""
+        kip = {key: getattr(self.kip, key) for key in ("steps", "lr", "reg", "batch_size", "learn_labels")}
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "kip"}, "kip": kip}
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}")
+
+    def sizes(self, class_sizes: list[int]) -> list[int]:
+        """m_c of every class: per_class each (at most n_c), or N/reduction split in proportion to the classes."""
+        if self.per_class is not None:
+            return [min(n, self.per_class) for n in class_sizes]
+        return allocate(class_sizes, round(sum(class_sizes) / (self.reduction or 20.0)))
+
+
+RANK_EPS = (0.01, 0.05)
+
+
+def _all_features(
+    features: Featurizer, x: Tensor, tile: int, device: torch.device, progress: Progress, description: str
+) -> Tensor:
+    """Projected features of every row of x, flattened to (n, K·d): the trace kernel is their inner product."""
+    return torch.cat(
+        [
+            values.reshape(len(values), -1)
+            for _, values in _feature_tiles(features, x, tile, device, progress, description)
+        ]
+    )
+
+
+@dataclass
+class Support:
+    """A distilled support: features φ (m, K·d), classes (m,), labels y_s (m, C), the inputs when it has any, the
+    training row each point came from (None for synthetic features), kip's losses, and the Jacobians it took."""
+
+    features: Tensor
+    classes: Tensor
+    labels: Tensor
+    inputs: Tensor | None = None
+    source: Tensor | None = None
+    losses: list[float] | None = None
+    jacobians: int = 0
+
+
+def build_support(
+    distill: DistillSpec,
+    feature_map: Callable[[Tensor], Tensor],
+    x: Tensor,
+    phi: Tensor,
+    classes: Tensor,
+    outputs: Tensor,
+    sizes: list[int],
+    progress: Progress,
+) -> Support:
+    """The support of `distill.method` from the training inputs x, their features φ (N, K·d), classes and network
+    outputs y_t (N, C) (kip's targets); `feature_map` gives the (differentiable) features of inputs."""
+    n_classes = outputs.shape[1]
+    if distill.method == "gradient":
+        features, support_classes = gradient_support(phi, classes, sizes, distill.seed)
+        return Support(features, support_classes, centred_one_hot(support_classes, n_classes, phi.dtype))
+    rule = distill.selection if distill.method == "select" else "random"
+    source = select(phi, classes, sizes, rule, distill.seed)
+    labels = centred_one_hot(classes[source], n_classes, phi.dtype)
+    if distill.method == "select":
+        return Support(phi[source], classes[source], labels, x[source], source)
+    kip = replace(distill.kip, seed=distill.seed)
+    progress.start("kip steps", kip.steps)
+    kip.fit(feature_map, x[source], labels, phi, outputs, classes, lambda _loss: progress.advance())
+    with torch.no_grad():
+        features = feature_map(kip.inputs_)
+    jacobians = (kip.steps + 1) * len(source)
+    return Support(features, kip.labels_.argmax(1), kip.labels_, kip.inputs_, source, kip.losses_, jacobians)
+
+
+_SUPPORT_DIMS = {
+    "labels": ("support", "class"),
+    "classes": ("support",),
+    "source": ("support",),
+    "nearest_index": ("support", "rank"),
+    "nearest_score": ("support", "rank"),
+    "effective_rank_full": ("class",),
+    "effective_rank_distilled": ("class",),
+    "r_eps_full": ("class", "eps"),
+    "r_eps_distilled": ("class", "eps"),
+}
+
+
+def _write_support(group: h5py.Group, support: Support, near: tuple[Tensor, Tensor], ranks: dict[str, Tensor]) -> None:
+    """/distill's datasets: the support, its nearest real points and the per-class spectra (`_SUPPORT_DIMS`)."""
+    if support.inputs is not None:
+        dims = ("support", *("input",) * (support.inputs.dim() - 1))
+        store.write_array(group, "inputs", support.inputs.detach().cpu().numpy(), dims)
+    source = support.source if support.source is not None else near[0][:, 0]
+    named = {"labels": support.labels, "classes": support.classes, "source": source}
+    named |= {"nearest_index": near[0], "nearest_score": near[1], **ranks}
+    for name, value in named.items():
+        store.write_array(group, name, value.detach().cpu().numpy(), _SUPPORT_DIMS[name])
+    if support.losses is not None:
+        store.write_array(group, "loss", np.array(support.losses), ("step",))
+
+
+def distill_support(
+    run: h5py.File,
+    model: nn.Module,
+    spec: KernelSpec,
+    distill: DistillSpec,
+    train: Dataset,
+    train_logits: Tensor,
+    test: Tensor | None,
+    budget: Budget,
+    progress: Progress | None = None,
+) -> dict:
+    """Distil the training set into a support of m points; write /distill and /kernel/distilled (the support's
+    kernel with the test set, m columns wide); return /distill's attrs.
+
+    The features of every training point (N·K·d values, held in memory) give the per-class spectra, the selections,
+    the gradient-space support and kip's targets.
+    """
+    progress = progress or Silent()
+    began = time.perf_counter()
+    device, x = budget.device, train.x
+    features = featurizer(model, spec, x[0].to(device), budget)
+    width = features.classes * spec.proj_dim
+    rows = len(x) + (len(test) if test is not None else 0)
+    if 3 * rows * width * x.element_size() > budget.bytes:
+        raise OutOfMemoryError(f"distilling needs the {rows}×{width} projected features in memory: lower --proj-dim")
+    tile = _tile_size(len(x), features.work_bytes, features.pair_bytes, budget)
+    phi = _all_features(features, x, tile, device, progress, "train features")
+    n_classes = train_logits.shape[1]
+    classes = (train_logits.argmax(1) if distill.target == "model" else train.y).to(device)
+    sizes = distill.sizes(torch.bincount(classes, minlength=n_classes).tolist())
+    outputs = train_logits.to(device).softmax(1) - 1.0 / n_classes
+    support = build_support(
+        distill,
+        lambda z: features.featurize(z).dense.reshape(len(z), -1),
+        x.to(device),
+        phi,
+        classes,
+        outputs,
+        sizes,
         progress,
     )
-    attrs = {
-        "kernel": spec.kernel,
-        "projection": spec.projection if spec.projected else "none",
-        "proj_dim": spec.proj_dim,
-        "seed": spec.seed,
-        "params": json.dumps(spec.params or ["*"]),
-        **features.attrs,
-        "tile": tile,
-        "complete": True,
+    full_rank, full_r = class_ranks(phi, classes, n_classes, RANK_EPS)
+    support_rank, support_r = class_ranks(support.features, support.classes, n_classes, RANK_EPS)
+    ranks = {
+        "effective_rank_full": full_rank,
+        "effective_rank_distilled": support_rank,
+        "r_eps_full": full_r,
+        "r_eps_distilled": support_r,
     }
+    group = run.create_group("distill")
+    _write_support(group, support, nearest(support.features, phi, distill.neighbours), ranks)
+    m = len(support.features)
+    attrs = {
+        "method": distill.method,
+        "selection": distill.selection if distill.method == "select" else "",
+        "kernel": spec.name,
+        "target": distill.target,
+        "n_train": len(x),
+        "m": m,
+        "per_class": sizes,
+        "reduction": len(x) / m,
+        "seed": distill.seed,
+        "eps": list(RANK_EPS),
+        "effective_rank_full": full_rank.tolist(),
+        "effective_rank_distilled": support_rank.tolist(),
+        **(distill.options()["kip"] if distill.method == "kip" else {}),
+    }
+    kernel = run.create_group("kernel/distilled")
+    shape, dims = (features.classes, spec.proj_dim), ("output", "proj")
+    sets = [("train", support.features)]
+    if test is not None:
+        test_phi = _all_features(features, test, tile, device, progress, "test features")
+        unit_test = unit_rows(test_phi)
+        attrs["kernel_alignment"] = kernel_alignment(
+            predictor_kernel(unit_test, unit_rows(phi)), predictor_kernel(unit_test, unit_rows(support.features))
+        )
+        sets.append(("test", test_phi))
+    datasets = [
+        store.write_array(kernel, f"features/{split}", values.reshape(-1, *shape).cpu().numpy(), (split, *dims))
+        for split, values in sets
+    ]
+    _feature_kernel(kernel, "trace", datasets, 1, tile, True, device, progress)
+    store.set_attrs(kernel, {**_kernel_attrs(spec, features, tile), "support": "distill"})
+    jacobians = rows + support.jacobians
+    attrs.update(jacobians=jacobians, seconds=round(time.perf_counter() - began, 3), complete=True)
     store.set_attrs(group, attrs)
     return attrs
 
@@ -318,25 +563,36 @@ def kernel_name(run: h5py.File, requested: str | None) -> str:
 
 
 def _fit(
-    spec: SurrogateSpec, kernel: Kernel, data: h5py.Group, device: torch.device, progress: Progress
+    spec: SurrogateSpec,
+    kernel: Kernel,
+    train: h5py.Group,
+    distilled: h5py.Group | None,
+    device: torch.device,
+    progress: Progress,
 ) -> KernelGLM | KernelRidge:
-    logits = torch.from_numpy(data["nn_logits"][()]).to(device)
+    """Fit on the training set's network logits (ridge) or predicted classes / labels (kGLM); on a distilled
+    support, on its labels y_s (ridge) or their classes (kGLM)."""
+    source = distilled if distilled is not None else train
+    outputs = torch.from_numpy(source["labels" if distilled is not None else "nn_logits"][()]).to(device)
     if spec.kind == "ridge":
-        return KernelRidge(spec.alpha).fit(kernel, logits)
-    targets = logits.argmax(1) if spec.target == "model" else torch.from_numpy(data["labels"][()]).to(device)
+        return KernelRidge(spec.alpha).fit(kernel, outputs)
+    if distilled is not None:
+        targets = torch.from_numpy(distilled["classes"][()])
+    else:
+        targets = outputs.argmax(1) if spec.target == "model" else torch.from_numpy(train["labels"][()])
     glm = KernelGLM(spec.alpha, spec.balanced)
     progress.start("fit kGLM (L-BFGS evaluations)", glm.max_iter)
-    return glm.fit(kernel, targets, logits.shape[1], progress.advance)
+    return glm.fit(kernel, targets.to(device), outputs.shape[1], progress.advance)
 
 
 def _train_kernel(group: h5py.Group, normalize: str, budget: Budget) -> Kernel:
     """The train×train kernel as the surrogate sees it: from the stored features Φ as the operator Φ̃Φ̃ᵀ when the
-    kernel is projected (memory N·D), else read whole (memory N²)."""
+    kernel is projected to D < N dimensions (memory N·D), else read whole (memory N²)."""
     n = group["diag_train"].shape[0]
-    width = int(np.prod(group["features/train"].shape[1:])) if "features" in group else n
+    width = min(n, int(np.prod(group["features/train"].shape[1:])) if "features" in group else n)
     if n * width * 8 * 2 > budget.bytes:
         raise OutOfMemoryError(f"fitting needs {n}×{width} float64 values in memory: raise --max-memory")
-    if "features" not in group:
+    if width == n:
         return torch.from_numpy(_kernel_rows(group, "train", 0, n, normalize)).double().to(budget.device)
     features = torch.from_numpy(group["features/train"][()]).double().reshape(n, -1)
     diag = torch.from_numpy(group["diag_train"][()]).double()
@@ -409,7 +665,7 @@ def _stream_attribution(
 
 
 def _write_surrogate(
-    run: h5py.File, surrogate: KernelGLM | KernelRidge, kernel: Tensor, logits: np.ndarray, split: str, attrs: dict
+    run: h5py.Group, surrogate: KernelGLM | KernelRidge, kernel: Tensor, logits: np.ndarray, split: str, attrs: dict
 ) -> None:
     """/surrogate: W (C, N), b (C,), logits on train and on the explained set, and how it was fitted."""
     group = run.create_group("surrogate")
@@ -421,12 +677,12 @@ def _write_surrogate(
     store.set_attrs(group, attrs)
 
 
-def _write_faithfulness(run: h5py.File, metrics: dict, split: str, name: str) -> None:
+def _write_faithfulness(run: h5py.Group, metrics: dict, split: str, name: str) -> None:
     """/faithfulness: every metric as an attribute, and as a (names, table) pair of datasets."""
     group = run.create_group("faithfulness")
     store.set_attrs(group, {**metrics, "split": split, "kernel": name})
-    store.write_array(group, "table", np.array([metrics[key] for key in METRIC_NAMES], dtype=np.float64), ("metric",))
-    store.write_array(group, "names", np.array(METRIC_NAMES), ("metric",))
+    store.write_array(group, "table", np.array(list(metrics.values()), dtype=np.float64), ("metric",))
+    store.write_array(group, "names", np.array(list(metrics)), ("metric",))
 
 
 def attribute_run(
@@ -444,39 +700,54 @@ def attribute_run(
 
     The fit holds the train×train kernel in memory (float64), or for a projected kernel only its features; the
     explained×train kernel and the scores stream in row blocks sized by the budget. Explained points are the test
-    set, or the training set when there is none.
+    set, or the training set when there is none. On the distilled support (/kernel/distilled) the surrogate is fitted
+    to the support's labels and the groups go under /distill, beside the full-data ones; its faithfulness also holds
+    the kernel alignment with the full-data predictor and the reduction N/m.
     """
     progress = progress or Silent()
     with store.update_run(path) as run:
         name = kernel_name(run, requested)
         group = run[f"kernel/{name}"]
-        existing = [g for g in ("surrogate", "attribution", "faithfulness") if g in run]
+        distilled = run["distill"] if group.attrs.get("support") == "distill" else None
+        parent = distilled if distilled is not None else run
+        existing = [g for g in ("surrogate", "attribution", "faithfulness") if g in parent]
         if existing and not overwrite:
-            raise BadInputError(f"{path} already has /{existing[0]}; pass --overwrite to replace it")
+            where = f"{parent.name.rstrip('/')}/{existing[0]}"
+            raise BadInputError(f"{path} already has {where}; pass --overwrite to replace it")
         for g in existing:
-            del run[g]
+            del parent[g]
         kernel = _train_kernel(group, spec.normalize, budget)
-        surrogate = _fit(spec, kernel, run["data/train"], budget.device, progress)
+        surrogate = _fit(spec, kernel, run["data/train"], distilled, budget.device, progress)
         split = "test" if "test_train" in group else "train"
-        explained = run[f"data/{split}"]
+        explained = run[f"data/{split}"] if distilled is None or split == "test" else None
+        if explained is None:
+            raise BadInputError("a distilled support is explained on a test set: distil with --test")
         nn_logits = explained["nn_logits"][()]
         predicted = torch.from_numpy(nn_logits.argmax(1))
-        out = run.create_group("attribution")
+        out = parent.create_group("attribution")
         logits = _stream_attribution(
             out, group, split, surrogate, predicted, spec, budget, top_k, all_classes, progress
         )
         out.attrs["kernel"] = name
+        if distilled is not None:
+            target = "distilled labels" if spec.kind == "ridge" else "distilled classes"
+        else:
+            target = "logits" if spec.kind == "ridge" else spec.target
         fit = {
             "kind": spec.kind,
             "alpha": spec.alpha,
-            "target": spec.target if spec.kind == "kglm" else "logits",
+            "target": target,
             "kernel": name,
             "normalize": spec.normalize,
             "class_weight": "balanced" if spec.balanced else "none",
         }
         if isinstance(surrogate, KernelGLM):
             fit.update(loss=surrogate.loss_, n_iter=surrogate.n_iter_, converged=surrogate.converged_)
-        _write_surrogate(run, surrogate, kernel, logits, split, fit)
+        _write_surrogate(parent, surrogate, kernel, logits, split, fit)
         metrics = faithfulness(nn_logits, logits, explained["labels"][()])
-        _write_faithfulness(run, metrics, split, name)
+        if distilled is not None:
+            metrics.update(
+                reduction=distilled.attrs["reduction"], kernel_alignment=distilled.attrs.get("kernel_alignment", np.nan)
+            )
+        _write_faithfulness(parent, metrics, split, name)
     return {"kernel": name, "split": split, "surrogate": fit, "faithfulness": metrics}

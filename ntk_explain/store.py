@@ -325,6 +325,15 @@ def group_attrs(path: str | os.PathLike, group: str) -> dict[str, Any]:
         return _attrs_dict(f[group])
 
 
+def faithfulness(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The attributes of /faithfulness and /distill/faithfulness, those present; neither is bad input."""
+    with open_run(path) as f:
+        found = {name: _attrs_dict(f[name]) for name in ("faithfulness", "distill/faithfulness") if name in f}
+    if not found:
+        raise BadInputError(f"{path} has no /faithfulness (run the stage that writes it first)")
+    return found
+
+
 def summarize(path: str | os.PathLike) -> list[dict[str, Any]]:
     """A walk of the run file: one JSON-friendly dict per group or dataset, root first.
 
@@ -375,6 +384,36 @@ def info_table(path: str | os.PathLike) -> Table:
             "" if item["dims"] is None else ", ".join(item["dims"]),
             "  ".join(f"{k}={_short(v)}" for k, v in attrs.items()),
         )
+    return table
+
+
+def distill_table(path: str | os.PathLike) -> Table | None:
+    """Per class: support size, and effective rank and r_ε of the full and the distilled kernel; None without
+    /distill."""
+    with open_run(path) as f:
+        if "distill" not in f:
+            return None
+        group = f["distill"]
+        eps = [float(e) for e in group.attrs["eps"]]
+        support = np.bincount(group["classes"][()], minlength=len(group["effective_rank_full"]))
+        columns = {
+            "support": support,
+            "eff. rank full": group["effective_rank_full"][()],
+            "eff. rank distilled": group["effective_rank_distilled"][()],
+            **{f"r_{e:g} full": group["r_eps_full"][:, j] for j, e in enumerate(eps)},
+            **{f"r_{e:g} distilled": group["r_eps_distilled"][:, j] for j, e in enumerate(eps)},
+        }
+        title = (
+            f"/distill: {group.attrs['method']}, m={group.attrs['m']} of N={group.attrs['n_train']} "
+            f"({group.attrs['reduction']:.1f}× fewer Jacobians in later kernels)"
+        )
+    table = Table(title=title, title_justify="left")
+    table.add_column("class", justify="right")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for c in range(len(support)):
+        cells = [f"{v[c]:.2f}" if np.issubdtype(v.dtype, np.floating) else str(v[c]) for v in columns.values()]
+        table.add_row(str(c), *cells)
     return table
 
 

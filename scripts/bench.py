@@ -19,6 +19,13 @@ What is measured
    (N, 1, 8, 8) randn inputs) and the MLP, gaussian and sparse projections: samples/s. The warm-up
    uses the same kind at d = 64 on 8 samples.
 
+5. The distilled NTK against the full-data pipeline on the digits (1438 train, 359 test) with the zoo CNN trained
+   by the demo's recipe: full = `compute --kernel pseudo --projection sparse --proj-dim 4096` + `attribute`;
+   distilled = `distill --method kip|gradient|select --reduction 20` (same kernel) + `attribute --kernel distilled`.
+   Each command runs as the CLI in its own process (imports included); reported: the pipeline's wall time and peak
+   RSS (os.wait4), its per-sample Jacobian count (distill: N + M + kip's (steps + 1)·m), the kernel entries it
+   forms (N² + MN against m² + Mm), and the surrogate's agreement with the network and Kendall τ.
+
 How
 ---
 Every measurement runs in a fresh subprocess (`bench.py --worker NAME ...`) that prints its
@@ -65,6 +72,7 @@ ATTRIBUTE_SIZES = {"quick": (1_000, 5_000), "default": (10_000, 50_000)}  # (M e
 ATTRIBUTE_DIM = 512
 ATTRIBUTE_CLASSES = 10
 ATTRIBUTE_BUDGET = 2 * 10**9
+DISTILL_REDUCTION = 20
 
 
 # ---------------------------------------------------------------- worker side (fresh process)
@@ -184,6 +192,16 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve(args.device)
     if args.worker in ("synthetic", "attribute"):
         return attribute_worker(args, device)
+    if args.worker == "weights":
+        from safetensors.torch import save_file
+
+        from ntk_explain import zoo
+
+        x, y, _ = zoo.digits("train")
+        torch.manual_seed(0)
+        model = zoo.train_classifier(zoo.make_cnn(), torch.from_numpy(x), torch.from_numpy(y))
+        save_file(model.state_dict(), str(Path(args.tmp) / "cnn.safetensors"))
+        return {"worker": "weights", "device": "cpu", "n": len(x), "times_s": [0.0], "best_s": 0.0}
     model = make_model(args.model).to(device)
     x = inputs(args.model, args.n)
     base = rss_now_mb()
@@ -434,6 +452,73 @@ def workload_attribute(args: argparse.Namespace, tmp: str, m: int, n: int) -> tu
     return [row], {"synthetic": made, "attribute": done}
 
 
+def cli_pipeline(commands: list[list[str]]) -> dict[str, Any]:
+    """Run `ntk-explain` commands one after the other, each in its own process: total wall time, the largest peak
+    RSS (os.wait4's rusage of each), and the JSON each printed last; {'error': ...} on a failure."""
+    wall, peak, outputs = 0.0, 0.0, []
+    for command in commands:
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            began = time.perf_counter()
+            process = subprocess.Popen([sys.executable, "-m", "ntk_explain", *command], stdout=out, stderr=err)
+            _, status, usage = os.wait4(process.pid, 0)
+            wall += time.perf_counter() - began
+            out.seek(0), err.seek(0)
+            if os.waitstatus_to_exitcode(status):
+                return {"error": f"{command[0]}: {' '.join(err.read().strip().splitlines()[-1:])}"}
+            peak = max(peak, usage.ru_maxrss * 1024 / MB)
+            outputs.append(json.loads(out.read().strip().splitlines()[-1]))
+    return {"wall_s": wall, "peak_rss_mb": peak, "outputs": outputs}
+
+
+def workload_distill(args: argparse.Namespace, tmp: str, reduction: float) -> tuple[list[Row], dict]:
+    """5: distill + attribute on the support against compute + attribute on all the data, same projected kernel."""
+    measure("5 train the zoo CNN (digits)", "weights", args, tmp)
+    data = ["--model", "zoo:cnn", "--weights", str(Path(tmp) / "cnn.safetensors"), "--train", "zoo:digits"]
+    data += ["--test", "zoo:digits", "--device", args.device, "--quiet", "--json"]
+    kernel = ["--kernel", "pseudo", "--projection", "sparse", "--proj-dim", str(PROJ_DIM)]
+    full_run = str(Path(tmp) / "full.h5")
+    runs = {
+        "full data": cli_pipeline(
+            [
+                ["compute", *data, *kernel, "--out", full_run],
+                ["attribute", full_run, "--kernel", f"pseudo-sparse-{PROJ_DIM}", "--quiet", "--json"],
+            ]
+        )
+    }
+    for method in ("kip", "gradient", "select"):
+        path = str(Path(tmp) / f"{method}.h5")
+        runs[method] = cli_pipeline(
+            [
+                ["distill", *data, *kernel, "--method", method, "--reduction", str(reduction), "--out", path],
+                ["attribute", path, "--kernel", "distilled", "--quiet", "--json"],
+            ]
+        )
+    full = runs["full data"]
+    rows = []
+    for label, result in runs.items():
+        row = Row(f"5 {label} pipeline (pseudo, sparse d={PROJ_DIM})", 0)
+        if "error" in result:
+            row.note = result["error"]
+            rows.append(row)
+            continue
+        made, explained = result["outputs"]
+        metrics = explained["faithfulness"]
+        if label == "full data":
+            n, m = made["n_train"], made["n_train"]
+            jacobians, tested = made["n_train"] + made["n_test"], made["n_test"]
+        else:
+            n, m, jacobians, tested = made["n_train"], made["m"], made["jacobians"], metrics["n"]
+            row.naive_s = full.get("wall_s")
+        row.n, row.ours_s, row.peak_ours_mb = n, result["wall_s"], result["peak_rss_mb"]
+        row.note = (
+            f"support m={m}; {jacobians} Jacobians; {m * m + tested * m} kernel entries; "
+            f"agreement {metrics['agreement']:.3f}, τ {metrics['kendall_tau']:.3f}"
+        )
+        rows.append(row)
+        print(f"{row.workload:<44} {row.ours_s:7.1f} s  {row.note}", flush=True)
+    return rows, runs
+
+
 def fmt(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -469,6 +554,7 @@ def run_all(args: argparse.Namespace) -> None:
         "2": lambda tmp: workload_scale(args, tmp, n2),
         "3": lambda tmp: workload_project(args, tmp, n3),
         "4": lambda tmp: workload_attribute(args, tmp, *ATTRIBUTE_SIZES["quick" if args.quick else "default"]),
+        "5": lambda tmp: workload_distill(args, tmp, DISTILL_REDUCTION),
     }
     rows, raws = [], {}
     with tempfile.TemporaryDirectory(prefix="ntk-bench-") as tmp:
@@ -497,9 +583,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--json", help="also save the figures to this JSON file")
     worker = parser.add_argument_group("worker (internal)")
-    parser.add_argument("--only", default="1,2,3,4", help="comma-separated workloads to run (default: 1,2,3,4)")
+    parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated workloads to run (default: all, 1-5)")
     worker.add_argument(
-        "--worker", choices=("ours", "naive", "project", "synthetic", "attribute"), help=argparse.SUPPRESS
+        "--worker", choices=("ours", "naive", "project", "synthetic", "attribute", "weights"), help=argparse.SUPPRESS
     )
     worker.add_argument("--m", type=int, default=1000, help=argparse.SUPPRESS)
     worker.add_argument("--tmp", help=argparse.SUPPRESS)
