@@ -385,6 +385,11 @@ class Target(str, Enum):
 Normalize = Enum("Normalize", {name: name for name in NORMALIZATIONS}, type=str)  # type: ignore[misc]
 
 
+class FitOn(str, Enum):
+    support = "support"
+    train = "train"
+
+
 class ClassWeight(str, Enum):
     none = "none"
     balanced = "balanced"
@@ -399,6 +404,7 @@ def run_attribute(
     alpha: float = 1e-4,
     normalize: str = "cosine",
     class_weight: str = "none",
+    fit_on: str = "support",
     top_k: int = 10,
     all_classes: bool = False,
     device: str = "auto",
@@ -411,7 +417,7 @@ def run_attribute(
         raise UsageError("--alpha must be positive")
     torch_device = resolve_device(device)
     budget = Budget(torch_device, memory_budget(torch_device, max_memory))
-    spec = SurrogateSpec(surrogate, alpha, target, normalize, class_weight == "balanced")
+    spec = SurrogateSpec(surrogate, alpha, target, normalize, class_weight == "balanced", fit_on)
     with _progress_bar(quiet) as bar:
         return attribute_run(
             str(run),
@@ -458,6 +464,9 @@ def attribute(
         Normalize, typer.Option(help="cosine; scale: by the mean training self-kernel; none: raw.")
     ] = "cosine",
     class_weight: Annotated[ClassWeight, typer.Option(help="Weigh classes by inverse frequency.")] = ClassWeight.none,
+    fit_on: Annotated[
+        FitOn, typer.Option(help="--kernel distilled: fit on the support's labels, or on the N training points.")
+    ] = FitOn.support,
     top_k: Annotated[int, typer.Option(help="Proponents and opponents kept per point.", min=1)] = 10,
     all_classes: Annotated[bool, typer.Option(help="Also store (M, N, C) scores for every class.")] = False,
     device: Device = "auto",
@@ -476,6 +485,7 @@ def attribute(
         alpha=alpha,
         normalize=Normalize(normalize).value,
         class_weight=ClassWeight(class_weight).value,
+        fit_on=FitOn(fit_on).value,
         top_k=top_k,
         all_classes=all_classes,
         device=device,
@@ -618,7 +628,7 @@ def distill(
     method: Annotated[
         Method, typer.Option(help="kip: synthetic inputs; gradient: synthetic features; select.")
     ] = "kip",
-    select: Annotated[Selection, typer.Option(help="The subset rule of --method select.")] = "random",
+    select: Annotated[Selection, typer.Option(help="The subset rule of select, and kip's starting points.")] = "random",
     reduction: Annotated[float | None, typer.Option(help="Support size m = N/R (default 20).", min=1.0)] = None,
     per_class: Annotated[
         int | None, typer.Option(help="Support points per class, instead of --reduction.", min=1)

@@ -23,7 +23,11 @@ from torch import Tensor
 
 METHODS = ("kip", "gradient", "select")
 SELECTIONS = ("random", "kmeans", "leverage", "farthest")
-DISTILL_METRICS = ("reduction", "kernel_alignment")  # added to the faithfulness of a surrogate on a distilled support
+DISTILL_METRICS = (
+    "reduction",
+    "kernel_alignment",
+    "kernel_alignment_centred",
+)  # added to the faithfulness of a surrogate on a distilled support
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,8 +70,17 @@ def class_ranks(features: Tensor, classes: Tensor, n_classes: int, eps: tuple[fl
     return entropy, ranks
 
 
+def centred(kernel: Tensor) -> Tensor:
+    """HKH with H = I − 11ᵀ/n: the kernel of the features less their mean."""
+    return kernel - kernel.mean(0, keepdim=True) - kernel.mean(1, keepdim=True) + kernel.mean()
+
+
 def kernel_alignment(a: Tensor, b: Tensor) -> float:
-    """tr(K₁K₂) / (‖K₁‖_F ‖K₂‖_F) for symmetric K₁, K₂ (n, n): 1 when one is a positive multiple of the other."""
+    """tr(K₁K₂) / (‖K₁‖_F ‖K₂‖_F) for symmetric K₁, K₂ (n, n): 1 when one is a positive multiple of the other.
+
+    Of `centred` kernels it is the centred alignment (Cortes et al. 2012), blind to the features' common mean, which
+    dominates eNTK features and keeps the plain alignment near 1.
+    """
     a, b = a.double(), b.double()
     return float((a * b).sum() / (a.norm() * b.norm()))
 
@@ -270,7 +283,8 @@ class KIP:
     """Kernel inducing points (Nguyen et al. 2021) on the network's eNTK: Adam on the synthetic inputs (and labels).
 
     Each step draws a class-balanced batch of real targets, recomputes φ(X_s) differentiably and descends
-    `kip_loss`; the targets' features are fixed (computed once by the caller). Deterministic given `seed`.
+    `objective`; the targets' features are fixed (computed once by the caller). With `cosine` the kernel is the
+    cosine-normalised one, K(x,x') = ⟨φ,φ'⟩/(‖φ‖‖φ'‖), as the surrogate sees it. Deterministic given `seed`.
     """
 
     steps: int = 200
@@ -278,10 +292,25 @@ class KIP:
     reg: float = 1e-3
     batch_size: int = 256
     learn_labels: bool = True
+    cosine: bool = True
     seed: int = 0
     inputs_: Tensor = field(init=False, repr=False)
     labels_: Tensor = field(init=False, repr=False)
     losses_: list[float] = field(init=False, default_factory=list)
+
+    def objective(
+        self,
+        feature_map: Callable[[Tensor], Tensor],
+        inputs: Tensor,
+        labels: Tensor,
+        target_features: Tensor,
+        target_outputs: Tensor,
+    ) -> Tensor:
+        """`kip_loss` of the support (inputs, labels) against targets (features φ_t, outputs y_t)."""
+        support = feature_map(inputs)
+        if self.cosine:
+            support, target_features = unit_rows(support), unit_rows(target_features)
+        return kip_loss(support, target_features, labels, target_outputs, self.reg)
 
     def fit(
         self,
@@ -307,7 +336,7 @@ class KIP:
                 [rows[torch.randint(0, len(rows), (per_class,), generator=generator)] for rows in by_class]
             ).to(target_features.device)
             optimizer.zero_grad()
-            loss = kip_loss(feature_map(x), target_features[batch], y, target_outputs[batch], self.reg)
+            loss = self.objective(feature_map, x, y, target_features[batch], target_outputs[batch])
             loss.backward()
             optimizer.step()
             self.losses_.append(loss.item())

@@ -23,10 +23,12 @@ from torch import Tensor, nn
 from ntk_explain import store
 from ntk_explain.attribution import all_class_scores, attribution_scores, extremes
 from ntk_explain.distillation import (
+    DISTILL_METRICS,
     KIP,
     METHODS,
     SELECTIONS,
     allocate,
+    centred,
     centred_one_hot,
     class_ranks,
     gradient_support,
@@ -402,8 +404,7 @@ def build_support(
     if distill.method == "gradient":
         features, support_classes = gradient_support(phi, classes, sizes, distill.seed)
         return Support(features, support_classes, centred_one_hot(support_classes, n_classes, phi.dtype))
-    rule = distill.selection if distill.method == "select" else "random"
-    source = select(phi, classes, sizes, rule, distill.seed)
+    source = select(phi, classes, sizes, distill.selection, distill.seed)  # kip's starting points too
     labels = centred_one_hot(classes[source], n_classes, phi.dtype)
     if distill.method == "select":
         return Support(phi[source], classes[source], labels, x[source], source)
@@ -497,7 +498,7 @@ def distill_support(
     m = len(support.features)
     attrs = {
         "method": distill.method,
-        "selection": distill.selection if distill.method == "select" else "",
+        "selection": distill.selection if distill.method != "gradient" else "",
         "kernel": spec.name,
         "target": distill.target,
         "n_train": len(x),
@@ -516,15 +517,18 @@ def distill_support(
     if test is not None:
         test_phi = _all_features(features, test, tile, device, progress, "test features")
         unit_test = unit_rows(test_phi)
-        attrs["kernel_alignment"] = kernel_alignment(
-            predictor_kernel(unit_test, unit_rows(phi)), predictor_kernel(unit_test, unit_rows(support.features))
-        )
+        full = predictor_kernel(unit_test, unit_rows(phi))
+        distilled = predictor_kernel(unit_test, unit_rows(support.features))
+        attrs["kernel_alignment"] = kernel_alignment(full, distilled)
+        attrs["kernel_alignment_centred"] = kernel_alignment(centred(full), centred(distilled))
         sets.append(("test", test_phi))
     datasets = [
         store.write_array(kernel, f"features/{split}", values.reshape(-1, *shape).cpu().numpy(), (split, *dims))
         for split, values in sets
     ]
     _feature_kernel(kernel, "trace", datasets, 1, tile, True, device, progress)
+    store.write_array(kernel, "full_train", (phi @ support.features.T).cpu().numpy(), ("full", "train"))
+    store.write_array(kernel, "diag_full", phi.square().sum(1).cpu().numpy(), ("full",))
     store.set_attrs(kernel, {**_kernel_attrs(spec, features, tile), "support": "distill"})
     jacobians = rows + support.jacobians
     attrs.update(jacobians=jacobians, seconds=round(time.perf_counter() - began, 3), complete=True)
@@ -548,6 +552,7 @@ class SurrogateSpec:
     target: str = "model"
     normalize: str = "cosine"  # cosine | scale | none
     balanced: bool = False
+    fit_on: str = "support"  # a distilled support's kGLM: on the support's labels, or on the N training points
 
 
 def kernel_name(run: h5py.File, requested: str | None) -> str:
@@ -585,9 +590,15 @@ def _fit(
     return glm.fit(kernel, targets.to(device), outputs.shape[1], progress.advance)
 
 
-def _train_kernel(group: h5py.Group, normalize: str, budget: Budget) -> Kernel:
+def _train_kernel(group: h5py.Group, normalize: str, budget: Budget, rows: str = "train") -> Kernel:
     """The train×train kernel as the surrogate sees it: from the stored features Φ as the operator Φ̃Φ̃ᵀ when the
-    kernel is projected to D < N dimensions (memory N·D), else read whole (memory N²)."""
+    kernel is projected to D < N dimensions (memory N·D), else read whole (memory N²). rows="full": the (N, m)
+    kernel between all training points and a distilled support, read whole."""
+    if rows == "full":
+        n, m = group["full_train"].shape
+        if n * m * 8 * 2 > budget.bytes:
+            raise OutOfMemoryError(f"fitting needs {n}×{m} float64 values in memory: raise --max-memory")
+        return torch.from_numpy(_kernel_rows(group, "full", 0, n, normalize)).double().to(budget.device)
     n = group["diag_train"].shape[0]
     width = min(n, int(np.prod(group["features/train"].shape[1:])) if "features" in group else n)
     if n * width * 8 * 2 > budget.bytes:
@@ -716,8 +727,13 @@ def attribute_run(
             raise BadInputError(f"{path} already has {where}; pass --overwrite to replace it")
         for g in existing:
             del parent[g]
-        kernel = _train_kernel(group, spec.normalize, budget)
-        surrogate = _fit(spec, kernel, run["data/train"], distilled, budget.device, progress)
+        if distilled is None and spec.fit_on == "train":
+            raise UsageError("--fit-on train applies to a distilled support: add --kernel distilled")
+        on_train = distilled is not None and spec.fit_on == "train"
+        if on_train and spec.kind != "kglm":
+            raise UsageError("--fit-on train fits the kGLM: drop --surrogate ridge")
+        kernel = _train_kernel(group, spec.normalize, budget, "full" if on_train else "train")
+        surrogate = _fit(spec, kernel, run["data/train"], None if on_train else distilled, budget.device, progress)
         split = "test" if "test_train" in group else "train"
         explained = run[f"data/{split}"] if distilled is None or split == "test" else None
         if explained is None:
@@ -729,7 +745,7 @@ def attribute_run(
             out, group, split, surrogate, predicted, spec, budget, top_k, all_classes, progress
         )
         out.attrs["kernel"] = name
-        if distilled is not None:
+        if distilled is not None and not on_train:
             target = "distilled labels" if spec.kind == "ridge" else "distilled classes"
         else:
             target = "logits" if spec.kind == "ridge" else spec.target
@@ -740,14 +756,13 @@ def attribute_run(
             "kernel": name,
             "normalize": spec.normalize,
             "class_weight": "balanced" if spec.balanced else "none",
+            **({"fit_on": spec.fit_on} if distilled is not None else {}),
         }
         if isinstance(surrogate, KernelGLM):
             fit.update(loss=surrogate.loss_, n_iter=surrogate.n_iter_, converged=surrogate.converged_)
         _write_surrogate(parent, surrogate, kernel, logits, split, fit)
         metrics = faithfulness(nn_logits, logits, explained["labels"][()])
         if distilled is not None:
-            metrics.update(
-                reduction=distilled.attrs["reduction"], kernel_alignment=distilled.attrs.get("kernel_alignment", np.nan)
-            )
+            metrics.update({key: distilled.attrs.get(key, np.nan) for key in DISTILL_METRICS})
         _write_faithfulness(parent, metrics, split, name)
     return {"kernel": name, "split": split, "surrogate": fit, "faithfulness": metrics}

@@ -6,6 +6,7 @@ The library never prints; :func:`info_table` builds a rich table that the CLI pr
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -185,14 +186,41 @@ def check_target(path: str | os.PathLike, *, overwrite: bool) -> None:
 
 
 @contextmanager
+def _writer_lock(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock of the run file `path` (flock on `.<name>.lock` beside it, removed on release); a
+    second writer of the same file is refused with bad input instead of racing it."""
+    lock = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # the lock file was replaced before we locked it
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            raise BadInputError(f"{path} is being written by another process (lock {lock})") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def create_run(path: str | os.PathLike, *, overwrite: bool, attrs: Mapping[str, Any]) -> Iterator[h5py.File]:
     """Write a new run file atomically: yields a file open for writing under a temporary name.
 
     On success it is renamed onto ``path``; on any exception (KeyboardInterrupt included) the temporary
-    file is deleted, an existing ``path`` is left untouched and the exception propagates.
+    file is deleted, an existing ``path`` is left untouched and the exception propagates. Another process
+    writing the same path at the time is refused (`_writer_lock`).
     """
     path = Path(path)
     check_target(path, overwrite=overwrite)
+    with _writer_lock(path):
+        yield from _create(path, attrs)
+
+
+def _create(path: Path, attrs: Mapping[str, Any]) -> Iterator[h5py.File]:
     tmp = _partial_path(path)
     f = None
     try:
@@ -209,10 +237,16 @@ def create_run(path: str | os.PathLike, *, overwrite: bool, attrs: Mapping[str, 
 def update_run(path: str | os.PathLike) -> Iterator[h5py.File]:
     """Add to an existing run file atomically: yields a writable copy, renamed onto ``path`` on success.
 
-    On any exception the copy is deleted and the original file is left unchanged.
+    On any exception the copy is deleted and the original file is left unchanged; another process writing the
+    same file at the time is refused (`_writer_lock`).
     """
     path = Path(path)
     open_run(path).close()
+    with _writer_lock(path):
+        yield from _update(path)
+
+
+def _update(path: Path) -> Iterator[h5py.File]:
     tmp = _partial_path(path)
     f = None
     try:

@@ -201,7 +201,16 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(0)
         model = zoo.train_classifier(zoo.make_cnn(), torch.from_numpy(x), torch.from_numpy(y))
         save_file(model.state_dict(), str(Path(args.tmp) / "cnn.safetensors"))
-        return {"worker": "weights", "device": "cpu", "n": len(x), "times_s": [0.0], "best_s": 0.0}
+        return {
+            "worker": "weights",
+            "device": "cpu",
+            "n": len(x),
+            "times_s": [0.0],
+            "best_s": 0.0,
+            "base_rss_mb": 0.0,
+            "peak_rss_mb": peak_rss_mb(),
+            "cuda_peak_mb": None,
+        }
     model = make_model(args.model).to(device)
     x = inputs(args.model, args.n)
     base = rss_now_mb()
@@ -493,6 +502,8 @@ def workload_distill(args: argparse.Namespace, tmp: str, reduction: float) -> tu
                 ["attribute", path, "--kernel", "distilled", "--quiet", "--json"],
             ]
         )
+    for result in runs.values():
+        result["device"] = args.device
     full = runs["full data"]
     rows = []
     for label, result in runs.items():
@@ -535,7 +546,7 @@ def markdown(rows: list[Row]) -> str:
             str(r.n),
             fmt(r.ours_s, 3),
             fmt(r.naive_s, 2),
-            fmt(r.ratio, 0) + ("×" if r.ratio else ""),
+            fmt(r.ratio, 0 if r.ratio and r.ratio >= 10 else 1) + ("×" if r.ratio else ""),
             fmt(r.peak_ours_mb, 0),
             fmt(r.peak_naive_mb, 0),
             r.note,

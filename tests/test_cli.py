@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ntk_explain import store
 from tests.models import mlp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -426,3 +428,15 @@ def test_debug_shows_traceback(bad):
     assert "Traceback" in result.stderr
     assert "train.npz" in result.stderr
     assert not (folder / "run.h5").exists()
+
+
+def test_a_second_process_writing_the_run_file_is_refused(happy, tmp_path):
+    """attribute in another process while this one holds run.h5 for writing: exit 3, one line, the file unchanged."""
+    run = tmp_path / "run.h5"
+    shutil.copyfile(happy["folders"]["base"] / "run.h5", run)
+    before = _sha256(run)
+    with store.update_run(run):
+        result = _cli(["attribute", "run.h5", "--quiet"], tmp_path)
+        assert result.returncode == 3 and "another process" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and _sha256(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]

@@ -11,8 +11,10 @@ from typer.testing import CliRunner
 
 from ntk_explain.cli import app
 from ntk_explain.distillation import (
+    KIP,
     SELECTIONS,
     allocate,
+    centred,
     centred_one_hot,
     class_ranks,
     effective_rank,
@@ -31,7 +33,8 @@ def _features(n: int, d: int, seed: int) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def test_kip_loss_gradient_matches_central_differences():
+@pytest.mark.parametrize("cosine", [True, False])
+def test_kip_loss_gradient_matches_central_differences(cosine):
     """d loss / d X_s through the per-sample gradients φ(X_s) (double backward), float64, a small MLP."""
     model = mlp()
     generator = torch.Generator().manual_seed(0)
@@ -47,7 +50,7 @@ def test_kip_loss_gradient_matches_central_differences():
     outputs = torch.randn(9, 3, generator=generator, dtype=torch.float64)
 
     def loss(x):
-        return kip_loss(feature_map(x), target_features, labels, outputs, 1e-3)
+        return KIP(reg=1e-3, cosine=cosine).objective(feature_map, x, labels, target_features, outputs)
 
     x = support.clone().requires_grad_(True)
     (analytic,) = torch.autograd.grad(loss(x), x)
@@ -59,6 +62,16 @@ def test_kip_loss_gradient_matches_central_differences():
         numeric[index] = (loss(support + step) - loss(support - step)) / (2 * h)
     assert analytic.abs().max() > 1e-3  # the check is not vacuous
     assert torch.allclose(analytic, numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_kip_loss_is_the_kernel_ridge_error():
+    support, target = _features(4, 7, 7), _features(5, 7, 8)
+    labels, outputs = _features(4, 3, 9), _features(5, 3, 10)
+    k_ss = support @ support.T
+    system = k_ss + 0.1 * torch.trace(k_ss) / 4 * torch.eye(4, dtype=torch.float64)
+    predicted = target @ support.T @ torch.linalg.inv(system) @ labels
+    expected = 0.5 * ((predicted - outputs) ** 2).sum() / 5
+    assert kip_loss(support, target, labels, outputs, 0.1).item() == pytest.approx(expected.item(), rel=1e-10)
 
 
 def test_effective_rank_and_r_eps_against_eigvalsh():
@@ -90,6 +103,11 @@ def test_kernel_alignment_is_the_normalised_trace():
     expected = torch.trace(k1 @ k2) / (torch.linalg.matrix_norm(k1) * torch.linalg.matrix_norm(k2))
     assert kernel_alignment(k1, k2) == pytest.approx(expected.item(), rel=1e-12)
     assert kernel_alignment(k1, 3 * k1) == pytest.approx(1.0)
+    h = torch.eye(6, dtype=torch.float64) - 1 / 6
+    assert torch.allclose(centred(k1), h @ k1 @ h)
+    shifted = a + 50.0  # a common offset aligns the plain kernels, not the centred ones
+    assert kernel_alignment(shifted @ shifted.T, (b + 50.0) @ (b + 50.0).T) > 0.99
+    assert kernel_alignment(centred(shifted @ shifted.T), centred(k1)) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(("n", "d"), [(5, 12), (20, 6)])
@@ -181,6 +199,20 @@ def test_distill_then_attribute_beside_the_full_surrogate(tmp_path, method):
         assert distilled["nearest_index"].shape == (12, 5)
         assert ("inputs" in distilled) == (method != "gradient")
         assert ("loss" in distilled) == (method == "kip")
+    # the kGLM on the support's basis, fitted to the network on all 60 training points through the stored 60×12 kernel
+    on_train = _invoke("attribute", run, "--kernel", "distilled", "--fit-on", "train", "--overwrite", "--json")
+    assert on_train.exit_code == 0, on_train.output
+    with h5py.File(run) as f:
+        surrogate, kernel = f["distill/surrogate"], f["kernel/distilled"]
+        assert surrogate["W"].shape == (3, 12) and surrogate["logits_train"].shape == (60, 3)
+        assert surrogate.attrs["fit_on"] == "train" and surrogate.attrs["target"] == "model"
+        full, diag_full, diag = kernel["full_train"][()], kernel["diag_full"][()], kernel["diag_train"][()]
+        assert full.shape == (60, 12) and np.all(full**2 <= np.outer(diag_full, diag) * (1 + 1e-9))
+        if method == "select":  # the support is a subset: its rows of the full block are its own kernel
+            assert np.allclose(full[f["distill/source"][()]], kernel["train_train"][()], rtol=1e-10)
+        scores, cls = f["distill/attribution/scores"][()], f["distill/attribution/class"][()]
+        assert np.allclose(scores.sum(1), surrogate["logits_test"][()][np.arange(12), cls], atol=1e-10)
+    assert _invoke("attribute", run, "--fit-on", "train", "--overwrite").exit_code == 2
     exported = load_file(tmp_path / "support.safetensors")
     assert exported["features"].shape == (12, 3, 64) and exported["labels"].shape == (12, 3)
     evaluate = json.loads(_invoke("evaluate", run, "--json").stdout)

@@ -124,6 +124,23 @@ def test_update_run_adds_groups(tmp_path):
     assert _dir_listing(tmp_path) == ["run.h5"]
 
 
+def test_a_second_writer_is_refused(tmp_path):
+    """While one writer holds run.h5, another (update or overwrite) is refused with bad input; the file is untouched
+    and the lock is gone once the first is done."""
+    path = _make_run(tmp_path / "run.h5")
+    before = path.read_bytes()
+    with store.update_run(path) as f:
+        store.write_array(f.create_group("surrogate"), "b", np.zeros(3), ("class",))
+        with pytest.raises(BadInputError, match="another process"), store.update_run(path):
+            pass
+        with pytest.raises(BadInputError, match="another process"), store.create_run(path, overwrite=True, attrs={}):
+            pass
+        assert path.read_bytes() == before
+    assert _dir_listing(tmp_path) == ["run.h5"]
+    with store.open_run(path) as f:
+        assert "surrogate/b" in f
+
+
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_update_run_failure_keeps_original(tmp_path, exc):
     path = _make_run(tmp_path / "run.h5")
