@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 
 from ntk_explain.gradients import Factors, TangentPlan
-from ntk_explain.projections import Projection, count_sketch, hashes, split_dims, tensor_sketch
+from ntk_explain.projections import (
+    SKETCHES,
+    Projection,
+    count_sketch,
+    hashes,
+    kronecker_sketch,
+    split_dims,
+    tensor_sketch,
+)
 
 KERNELS = ("full", "diagonal", "trace", "pseudo", "ck")
 _CLASS_AXES = {"trace": "", "diagonal": "k", "full": "kl"}
@@ -77,7 +85,7 @@ def project(plan: TangentPlan, factors: Factors, projection: Projection, block_n
     block of output rows at a time), so no more than about `block_numel` gradient entries and as many
     entries of R exist at once.
     """
-    if projection.kind == "tensorsketch":
+    if projection.kind in SKETCHES:
         return sketch(plan, factors, projection)
     n, k = factors.n, plan.outputs
     out = factors.dense.new_zeros((n, k, projection.dim))
@@ -112,8 +120,9 @@ def sketch_dims(plan: TangentPlan, dim: int) -> list[int]:
 
 
 def sketch(plan: TangentPlan, factors: Factors, projection: Projection) -> Tensor:
-    """TensorSketch features (n, K, d): a CountSketch of the dense gradients and a TensorSketch of every
-    factorised layer's Σ_s δ_s ã_sᵀ, each into its own share of d (`sketch_dims`), concatenated."""
+    """Sketched features (n, K, d): a CountSketch of the dense gradients and a TensorSketch (or Kronecker
+    projection) of every factorised layer's Σ_s δ_s ã_sᵀ, each into its own share of d (`sketch_dims`), concatenated."""
+    layer_sketch = tensor_sketch if projection.kind == "tensorsketch" else kronecker_sketch
     dims = sketch_dims(plan, projection.dim)
     parts = []
     if factors.dense.shape[-1]:
@@ -121,7 +130,7 @@ def sketch(plan: TangentPlan, factors: Factors, projection: Projection) -> Tenso
         buckets, signs = hashes(projection.seed, 0, size, dims[0], factors.dense.device)
         parts.append(count_sketch(factors.dense, buckets, signs, dims[0]))
     for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
-        parts.append(tensor_sketch(delta, inputs, dims[len(parts)], projection.seed, stream))
+        parts.append(layer_sketch(delta, inputs, dims[len(parts)], projection.seed, stream))
     return torch.cat(parts, dim=-1)
 
 

@@ -52,7 +52,7 @@ from ntk_explain.kernels import (
 )
 from ntk_explain.loading import Dataset
 from ntk_explain.metrics import faithfulness
-from ntk_explain.projections import PROJECTIONS, Projection
+from ntk_explain.projections import PROJECTIONS, SKETCHES, Projection
 from ntk_explain.surrogate import FeatureKernel, Kernel, KernelGLM, KernelRidge
 
 DEFAULT_DIMS = {"pseudo": 4096, "trace": 10240, "diagonal": 10240, "full": 10240}
@@ -182,7 +182,7 @@ def featurizer(model: nn.Module, spec: KernelSpec, example: Tensor, budget: Budg
             attrs=attrs,
         )
     projection = Projection(spec.projection, spec.proj_dim, spec.seed)
-    if spec.projection == "tensorsketch":
+    if spec.projection in SKETCHES:
         attrs["sketch_dims"] = sketch_dims(plan, spec.proj_dim)
     block_numel = max(1, budget.bytes // (8 * itemsize))
 

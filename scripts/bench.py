@@ -416,7 +416,7 @@ def workload_project(args: argparse.Namespace, tmp: str, n: int) -> tuple[list[R
     """3: projected pseudo-kernel features/s at d = 4096, CNN and MLP, gaussian and sparse."""
     rows, raw = [], {}
     for model in ("cnn", "mlp"):
-        for kind in ("gaussian", "sparse", "tensorsketch"):
+        for kind in ("gaussian", "sparse", "tensorsketch", "kronecker"):
             label = f"3 pseudo {kind} d={PROJ_DIM} ({model.upper()})"
             result = measure(
                 label,

@@ -124,7 +124,7 @@ def test_projection_columns_do_not_depend_on_the_range():
     assert not torch.equal(whole, Projection("gaussian", 300, seed=6).columns(0, 20000, torch.device("cpu")))
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sparse", "tensorsketch"])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sparse", "tensorsketch", "kronecker"])
 def test_projected_kernels_are_unbiased(tmp_path, kind):
     """The mean over 8 seeds is much closer to the exact kernel than one seed is (error ~ 1/√seeds)."""
     model = MODELS["mlp"][0]()
@@ -221,6 +221,30 @@ def test_tensorsketch_is_the_sketch_of_each_layer_gradient(name):
         layer.index_add_(2, bucket.flatten(), (gradient * sign).flatten(2))
         parts.append(layer)
     assert rel(got, torch.cat(parts, dim=-1)) < 1e-12
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_kronecker_is_the_projection_of_each_layer_gradient(name):
+    """Per factorised layer, (R_out ⊗ R_in)ᵀ vec(Σ_s δ_s ã_sᵀ) padded to its share of d; dense parameters as for
+    tensorsketch (a CountSketch)."""
+    model = MODELS[name][0]()
+    x = data(name, 3, 0)
+    plan = plan_tangents(model, x[0])
+    factors = tangent_factors(model, plan, x)
+    got = project(plan, factors, Projection("kronecker", 40, seed=5), block_numel=0)
+    dims = sketch_dims(plan, 40)
+    start = dims[0] if factors.dense.shape[-1] else 0
+    for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
+        d = dims[stream - (0 if factors.dense.shape[-1] else 1)]
+        a, b = int(np.sqrt(d)), d // int(np.sqrt(d))
+        g = torch.Generator().manual_seed(5 * 0x9E3779B1 + 0x2545F491 * (stream + 1))
+        r_out = torch.randn(delta.shape[-1], a, generator=g).double() / np.sqrt(a)
+        r_in = torch.randn(inputs.shape[-1], b, generator=g).double() / np.sqrt(b)
+        gradient = torch.einsum("nkso,nsi->nkoi", delta, inputs)
+        expected = torch.einsum("nkoi,oa,ib->nkab", gradient, r_out, r_in).flatten(2)
+        assert rel(got[..., start : start + a * b], expected) < 1e-12
+        assert torch.all(got[..., start + a * b : start + d] == 0)
+        start += d
 
 
 def test_sketch_dimensions_follow_layer_sizes():
