@@ -29,6 +29,7 @@ from ntk_explain.kernels import KERNELS
 from ntk_explain.loading import Dataset, check_model_on_data, load_dataset, load_model
 from ntk_explain.metrics import METRIC_NAMES
 from ntk_explain.pipeline import (
+    FEATURE_DTYPES,
     NORMALIZATIONS,
     Budget,
     DistillSpec,
@@ -56,6 +57,9 @@ stdout = Console(width=None if sys.stdout.isatty() else 160)  # piped tables kee
 Projection = Enum("Projection", {p: p for p in PROJECTIONS}, type=str)  # type: ignore[misc]
 
 
+FeatureDType = Enum("FeatureDType", {name: name for name in FEATURE_DTYPES}, type=str)  # type: ignore[misc]
+
+
 class DType(str, Enum):
     float32 = "float32"
     float64 = "float64"
@@ -65,6 +69,9 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show the traceback of a fa
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:i.")]
+BatchSize = Annotated[
+    str, typer.Option(help="Most rows per tile, or auto: from the memory budget, halved on out-of-memory.")
+]
 MaxMemory = Annotated[str | None, typer.Option(help="Memory budget, e.g. 2GB (default: half the free memory).")]
 
 
@@ -159,6 +166,15 @@ class Inputs:
     attrs: dict
 
 
+def _batch_size(text: str | None) -> int | None:
+    """--batch-size: a positive number of rows, or auto (None: from the memory budget, halved on out-of-memory)."""
+    if text is None or text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"--batch-size {text!r}: expected a positive integer or auto")
+    return int(text)
+
+
 def load_inputs(
     *,
     model: str,
@@ -172,17 +188,15 @@ def load_inputs(
     n_test: int | None,
     device: str,
     dtype: str,
-    batch_size: int | None,
+    batch_size: str | None,
     max_memory: str | None,
     seed: int,
     options: dict,
 ) -> Inputs:
     """Validate the options shared by compute and distill, load the model and the data; `options` are recorded too."""
-    if batch_size is not None and batch_size < 1:
-        raise UsageError("--batch-size must be positive")
     torch_device = resolve_device(device)
     torch_dtype = getattr(torch, dtype)
-    budget = Budget(torch_device, memory_budget(torch_device, max_memory), batch_size)
+    budget = Budget(torch_device, memory_budget(torch_device, max_memory), _batch_size(batch_size))
     kwargs = _json_object(model_kwargs, "--model-kwargs")
     loaded = load_model(model, kwargs, weights)
     net = loaded.module.to(device=torch_device, dtype=torch_dtype).eval()
@@ -199,7 +213,7 @@ def load_inputs(
         **options,
         "device": str(torch_device),
         "dtype": dtype,
-        "batch_size": batch_size,
+        "batch_size": budget.batch_size or "auto",
         "max_memory": budget.bytes,
         "seed": seed,
         "n_train": n_train,
@@ -228,6 +242,7 @@ def run_compute(
     kernel: str = "trace",
     projection: str = "none",
     proj_dim: int | None = None,
+    feature_dtype: str | None = None,
     params: str | None = None,
     x_key: str = "x",
     y_key: str = "y",
@@ -235,7 +250,7 @@ def run_compute(
     n_test: int | None = None,
     device: str = "auto",
     dtype: str = "float32",
-    batch_size: int | None = None,
+    batch_size: str | None = None,
     max_memory: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -251,6 +266,7 @@ def run_compute(
         "kernel": list(kernels),
         "projection": projection,
         "proj_dim": proj_dim,
+        "feature_dtype": feature_dtype,
         "params": list(globs or ["*"]),
     }
     inputs = load_inputs(
@@ -271,7 +287,7 @@ def run_compute(
         options=options,
     )
     data, budget = inputs.data, inputs.budget
-    specs = [KernelSpec(k, projection, proj_dim, seed, globs) for k in kernels]
+    specs = [KernelSpec(k, projection, proj_dim, seed, globs, feature_dtype) for k in kernels]
     started = time.perf_counter()
     summary: dict = {"out": str(out), "device": str(budget.device), "classes": inputs.classes, "kernels": {}}
     with _progress_bar(quiet) as bar, store.create_run(out, overwrite=overwrite, attrs=inputs.attrs) as run:
@@ -313,6 +329,9 @@ def compute(
     kernel: Annotated[str, typer.Option(help=f"Comma-separated kernels: {', '.join(KERNELS)}.")] = "trace",
     projection: Annotated[Projection, typer.Option(help="Random projection of the gradients.")] = "none",
     proj_dim: Annotated[int | None, typer.Option(help="Projection dimension (default 10240; pseudo 4096).")] = None,
+    feature_dtype: Annotated[
+        FeatureDType | None, typer.Option(help="Storage of projected features (default: the --dtype).")
+    ] = None,
     params: Annotated[str | None, typer.Option(help="Parameter globs, e.g. 'fc.*' (default: all).")] = None,
     x_key: Annotated[str, typer.Option(help="Name of the input array in data files.")] = "x",
     y_key: Annotated[str, typer.Option(help="Name of the label array in data files.")] = "y",
@@ -320,9 +339,7 @@ def compute(
     n_test: Annotated[int | None, typer.Option(help="Use only the first M test points.", min=1)] = None,
     device: Device = "auto",
     dtype: Annotated[DType, typer.Option(help="Computation and storage precision.")] = DType.float32,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Most rows per tile (default: from the memory budget).", min=1)
-    ] = None,
+    batch_size: BatchSize = "auto",
     max_memory: MaxMemory = None,
     seed: Annotated[int, typer.Option(help="Seed of the random projection.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
@@ -341,6 +358,7 @@ def compute(
         kernel=kernel,
         projection=Projection(projection).value,
         proj_dim=proj_dim,
+        feature_dtype=FeatureDType(feature_dtype).value if feature_dtype else None,
         params=params,
         x_key=x_key,
         y_key=y_key,
@@ -653,7 +671,7 @@ def distill(
     n_test: Annotated[int | None, typer.Option(help="Use only the first M test points.", min=1)] = None,
     device: Device = "auto",
     dtype: Annotated[DType, typer.Option(help="Computation and storage precision.")] = DType.float32,
-    batch_size: Annotated[int | None, typer.Option(help="Most rows per feature tile.", min=1)] = None,
+    batch_size: BatchSize = "auto",
     max_memory: MaxMemory = None,
     seed: Annotated[int, typer.Option(help="Seed of the projection, the selection and kip.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing /distill in --out, and --export.")] = False,

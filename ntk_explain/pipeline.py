@@ -55,6 +55,7 @@ from ntk_explain.metrics import faithfulness
 from ntk_explain.projections import PROJECTIONS, SKETCHES, Projection
 from ntk_explain.surrogate import FeatureKernel, Kernel, KernelGLM, KernelRidge
 
+FEATURE_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_DIMS = {"pseudo": 4096, "trace": 10240, "diagonal": 10240, "full": 10240}
 MAX_TILE = 4096  # default cap on rows per tile, so that progress is reported often enough
 _CLASS_DIMS = {"trace": (), "diagonal": ("class",), "full": ("class", "class")}
@@ -85,8 +86,11 @@ class KernelSpec:
     dim: int | None = None
     seed: int = 0
     params: tuple[str, ...] | None = None
+    feature_dtype: str | None = None  # storage of projected features: float32, float16, bfloat16 (None: as computed)
 
     def __post_init__(self) -> None:
+        if self.feature_dtype not in (None, *FEATURE_DTYPES):
+            raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}")
         if self.projection not in PROJECTIONS:
@@ -230,9 +234,11 @@ def _np(dtype: torch.dtype) -> np.dtype:
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
-def _stored(dataset: h5py.Dataset, device: torch.device) -> Callable[[int, int], Factors]:
-    """Rows [start, stop) of stored features (n, K, d), as dense Factors."""
-    return lambda start, stop: Factors(torch.from_numpy(dataset[start:stop]).to(device), (), ())
+def _stored(dataset: h5py.Dataset, device: torch.device, dtype: torch.dtype) -> Callable[[int, int], Factors]:
+    """Rows [start, stop) of stored features (n, K, d) in the compute dtype, as dense Factors."""
+    return lambda start, stop: Factors(
+        store.read_features(dataset, slice(start, stop)).to(device=device, dtype=dtype), (), ()
+    )
 
 
 def _feature_tiles(
@@ -255,14 +261,15 @@ def _store_features(
     tile: int,
     device: torch.device,
     progress: Progress,
+    dtype: torch.dtype,
 ) -> list[h5py.Dataset]:
-    """Projected features R g_k of every set, tile by tile, into features/<split> (n, K, d)."""
+    """Projected features R g_k of every set, tile by tile, into features/<split> (n, K, d) stored as `dtype`."""
     datasets = []
     for split, x in zip(("train", "test"), sets, strict=False):
         shape = (len(x), features.classes, dim)
-        dataset = store.create_rows(group, f"features/{split}", shape, _np(x.dtype), (split, "output", "proj"))
+        dataset = store.features_dataset(group, f"features/{split}", shape, dtype, (split, "output", "proj"))
         for rows, values in _feature_tiles(features, x, tile, device, progress, f"{group.name} features {split}"):
-            dataset[rows] = values.cpu().numpy()
+            dataset[rows] = store.encode_features(values, dataset)
         datasets.append(dataset)
     return datasets
 
@@ -276,10 +283,12 @@ def _feature_kernel(
     keep: bool,
     device: torch.device,
     progress: Progress,
+    dtype: torch.dtype,
 ) -> None:
-    """The kernel blocks and diagonals of stored features features/{train,test} (n, K, d)."""
-    tiles = [Tiles(_stored(ds, device), ds.shape[0], tile, keep) for ds in datasets]
-    _write_kernel(group, how, tiles[0], tiles[1] if len(tiles) > 1 else None, classes, datasets[0].dtype, progress)
+    """The kernel blocks and diagonals of stored features features/{train,test} (n, K, d), computed and stored in
+    the compute `dtype` whatever the features' storage type."""
+    tiles = [Tiles(_stored(ds, device, dtype), ds.shape[0], tile, keep) for ds in datasets]
+    _write_kernel(group, how, tiles[0], tiles[1] if len(tiles) > 1 else None, classes, _np(dtype), progress)
 
 
 def _kernel_attrs(spec: KernelSpec, features: Featurizer, tile: int) -> dict:
@@ -291,6 +300,7 @@ def _kernel_attrs(spec: KernelSpec, features: Featurizer, tile: int) -> dict:
         "params": json.dumps(spec.params or ["*"]),
         **features.attrs,
         "tile": tile,
+        **({"feature_dtype": spec.feature_dtype} if spec.projected and spec.feature_dtype else {}),
         "complete": True,
     }
 
@@ -304,17 +314,50 @@ def compute_kernel(
     budget: Budget,
     progress: Progress | None = None,
 ) -> dict:
-    """Write /kernel/<spec.name>/ for the train (and test) inputs; returns its attrs."""
-    progress = progress or Silent()
+    """Write /kernel/<spec.name>/ for the train (and test) inputs; returns its attrs.
+
+    Without a batch size (`budget.batch_size` None: auto) the tile comes from the memory budget, and running out of
+    memory (CPU or CUDA) starts the kernel again with half the tile, down to one row; `oom_retries` counts the
+    restarts. With an explicit batch size the error propagates.
+    """
+    auto, retries = budget.batch_size is None, 0
+    while True:
+        try:
+            attrs = _compute_kernel(run, model, spec, train, test, budget, progress or Silent())
+        except (torch.OutOfMemoryError, MemoryError):
+            group = run.get(f"kernel/{spec.name}")
+            tile = int(group.attrs["tile"]) if group is not None and "tile" in group.attrs else 0
+            if not auto or tile <= 1:
+                raise
+            del run[f"kernel/{spec.name}"]
+            if budget.device.type == "cuda":
+                torch.cuda.empty_cache()
+            budget, retries = replace(budget, batch_size=tile // 2), retries + 1
+            continue
+        store.set_attrs(run[f"kernel/{spec.name}"], {"oom_retries": retries})
+        return {**attrs, "oom_retries": retries}
+
+
+def _compute_kernel(
+    run: h5py.File,
+    model: nn.Module,
+    spec: KernelSpec,
+    train: Tensor,
+    test: Tensor | None,
+    budget: Budget,
+    progress: Progress,
+) -> dict:
     group = run.create_group(f"kernel/{spec.name}")
     sets = [train] + ([test] if test is not None else [])
     features = featurizer(model, spec, train[0].to(budget.device), budget)
     tile = _tile_size(len(train), features.work_bytes, features.pair_bytes, budget)
+    store.set_attrs(group, {"tile": tile, "complete": False})
     keep = sum(len(x) for x in sets) * features.kept_bytes <= budget.bytes // 4
     how = contraction(spec.kernel)
     if spec.projected:
-        datasets = _store_features(group, features, sets, spec.proj_dim, tile, budget.device, progress)
-        _feature_kernel(group, how, datasets, features.classes, tile, keep, budget.device, progress)
+        stored = getattr(torch, spec.feature_dtype) if spec.feature_dtype else train.dtype
+        datasets = _store_features(group, features, sets, spec.proj_dim, tile, budget.device, progress, stored)
+        _feature_kernel(group, how, datasets, features.classes, tile, keep, budget.device, progress, train.dtype)
     else:
         tiles = [
             Tiles(lambda s, e, x=x: features.featurize(x[s:e].to(budget.device)), len(x), tile, keep) for x in sets
@@ -526,7 +569,7 @@ def distill_support(
         store.write_array(kernel, f"features/{split}", values.reshape(-1, *shape).cpu().numpy(), (split, *dims))
         for split, values in sets
     ]
-    _feature_kernel(kernel, "trace", datasets, 1, tile, True, device, progress)
+    _feature_kernel(kernel, "trace", datasets, 1, tile, True, device, progress, x.dtype)
     store.write_array(kernel, "full_train", (phi @ support.features.T).cpu().numpy(), ("full", "train"))
     store.write_array(kernel, "diag_full", phi.square().sum(1).cpu().numpy(), ("full",))
     store.set_attrs(kernel, {**_kernel_attrs(spec, features, tile), "support": "distill"})
@@ -605,7 +648,7 @@ def _train_kernel(group: h5py.Group, normalize: str, budget: Budget, rows: str =
         raise OutOfMemoryError(f"fitting needs {n}×{width} float64 values in memory: raise --max-memory")
     if width == n:
         return torch.from_numpy(_kernel_rows(group, "train", 0, n, normalize)).double().to(budget.device)
-    features = torch.from_numpy(group["features/train"][()]).double().reshape(n, -1)
+    features = store.read_features(group["features/train"]).double().reshape(n, -1)
     diag = torch.from_numpy(group["diag_train"][()]).double()
     if normalize == "cosine":
         features = features * torch.where(diag > 0, diag.clamp_min(1e-300).rsqrt(), 0.0)[:, None]

@@ -21,6 +21,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
 from rich.table import Table
 
 from ntk_explain import __version__
@@ -340,6 +341,31 @@ def write_array(
     if array.size:
         ds[...] = array
     return ds
+
+
+def features_dataset(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: torch.dtype, dims: Sequence[str]):
+    """An empty features dataset of torch `dtype`; bfloat16, which HDF5 lacks, is kept as its 16 raw bits (uint16)
+    with the attribute encoding="bfloat16" (`read_features` undoes it)."""
+    if dtype == torch.bfloat16:
+        dataset = create_rows(group, name, shape, np.uint16, dims)
+        dataset.attrs["encoding"] = "bfloat16"
+        return dataset
+    return create_rows(group, name, shape, torch.empty((), dtype=dtype).numpy().dtype, dims)
+
+
+def encode_features(values: torch.Tensor, dataset: h5py.Dataset) -> np.ndarray:
+    """Tensor values in the dataset's storage type (see `features_dataset`)."""
+    if dataset.attrs.get("encoding") == "bfloat16":
+        return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return values.cpu().numpy().astype(dataset.dtype, copy=False)
+
+
+def read_features(dataset: h5py.Dataset, rows: slice = slice(None)) -> torch.Tensor:
+    """Rows of a features dataset as a tensor of the dtype it was written in."""
+    values = dataset[rows]
+    if dataset.attrs.get("encoding") == "bfloat16":
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(values)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ntk_explain import store
+from ntk_explain import pipeline, store
 from ntk_explain.gradients import penultimate, plan_tangents, tangent_factors
 from ntk_explain.kernels import project, sketch_dims
 from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel
@@ -256,3 +256,71 @@ def test_sketch_dimensions_follow_layer_sizes():
     assert sum(dims) == 4096 and dims[0] > dims[1] > dims[2] >= 1
     with pytest.raises(ValueError):
         split_dims(2, [1, 1, 1])
+
+
+def _oom_above(limit: int, monkeypatch) -> None:
+    """Featurising more than `limit` rows at once raises torch.OutOfMemoryError."""
+    real = pipeline.tangent_factors
+
+    def limited(model, plan, x):
+        if x.shape[0] > limit:
+            raise torch.OutOfMemoryError(f"{x.shape[0]} rows")
+        return real(model, plan, x)
+
+    monkeypatch.setattr(pipeline, "tangent_factors", limited)
+
+
+def test_auto_batch_size_halves_the_tile_on_out_of_memory(tmp_path, monkeypatch):
+    """--batch-size auto: out of memory restarts the kernel with half the tile until it fits; same kernel."""
+    model = MODELS["mlp"][0]()
+    train, test = data("mlp", 9, 0), data("mlp", 4, 1)
+    expected, _ = computed(tmp_path, model, KernelSpec("trace"), train, test)
+    _oom_above(2, monkeypatch)
+    got, attrs = computed(tmp_path, model, KernelSpec("trace"), train, test, batch_size=None)
+    assert attrs["tile"] == 2 and attrs["oom_retries"] == 2  # 9 → 4 → 2 rows per tile
+    for key in expected:
+        assert rel(got[key], expected[key]) < 1e-12
+    with pytest.raises(torch.OutOfMemoryError):  # an explicit batch size is not changed
+        computed(tmp_path, model, KernelSpec("trace"), train, test, batch_size=4)
+
+
+def test_cli_batch_size_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from ntk_explain.cli import app
+
+    np.savez(tmp_path / "train.npz", x=data("mlp", 5, 0).numpy(), y=np.arange(5) % 3)
+    args = ["compute", "--model", "tests.models:mlp", "--train", str(tmp_path / "train.npz"), "--quiet"]
+    for value, code in (("auto", 0), ("2", 0), ("0", 2), ("many", 2)):
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / f"{value}.h5"), "--batch-size", value])
+        assert result.exit_code == code, result.output
+
+
+@pytest.mark.parametrize(
+    ("dtype", "stored", "tolerance"), [("float16", np.float16, 2e-3), ("bfloat16", np.uint16, 2e-2)]
+)
+def test_half_precision_features(tmp_path, dtype, stored, tolerance):
+    """--feature-dtype: features stored in 16 bits (bfloat16 as raw bits), kernels computed and stored in float32,
+    close to the float32 features' kernel; attribute reads them back (D < N: the fit uses the features)."""
+    from typer.testing import CliRunner
+
+    from ntk_explain.cli import app
+
+    for split, n in (("train", 20), ("test", 5)):
+        np.savez(tmp_path / f"{split}.npz", x=data("mlp", n, 0).numpy(), y=np.arange(n) % 3)
+    args = ["compute", "--model", "tests.models:mlp", "--train", str(tmp_path / "train.npz"), "--quiet"]
+    args += ["--test", str(tmp_path / "test.npz"), "--kernel", "pseudo", "--projection", "gaussian", "--proj-dim", "8"]
+    name = "kernel/pseudo-gaussian-8"
+    runs = {}
+    for storage in ("float32", dtype):
+        runs[storage] = tmp_path / f"{storage}.h5"
+        result = CliRunner().invoke(app, [*args, "--feature-dtype", storage, "--out", str(runs[storage])])
+        assert result.exit_code == 0, result.output
+    with h5py.File(runs["float32"]) as full, h5py.File(runs[dtype]) as half:
+        assert half[name].attrs["feature_dtype"] == dtype and half[f"{name}/train_train"].dtype == np.float32
+        assert half[f"{name}/features/train"].dtype == stored
+        assert store.read_features(half[f"{name}/features/train"]).dtype == getattr(torch, dtype)
+        for key in ("train_train", "test_train", "diag_train", "diag_test"):
+            assert 0 < rel(half[f"{name}/{key}"][()], full[f"{name}/{key}"][()]) < tolerance
+    result = CliRunner().invoke(app, ["attribute", str(runs[dtype]), "--quiet"])
+    assert result.exit_code == 0, result.output
