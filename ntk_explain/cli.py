@@ -607,6 +607,9 @@ def _distill_target(out: Path, inputs: Inputs, overwrite: bool) -> Iterator[h5py
             yield run
         return
     with store.update_run(out) as run:
+        for key in ("model_sha256", "weights_sha256"):
+            if run.attrs.get(key) != inputs.attrs[key]:
+                raise BadInputError(f"{out} was made with another model or weights; distil into a new --out")
         for split, dataset in inputs.data.items():
             if run.get(f"data/{split}") is None or run[f"data/{split}"].attrs.get("sha256") != dataset.sha256:
                 raise BadInputError(f"{out} holds other {split} data; distil into a new --out")
@@ -724,6 +727,7 @@ def distill(
         summary = distill_support(
             run, inputs.net, spec, plan, train_data, logits, test_x, inputs.budget, RichProgress(bar)
         )
+        store.set_attrs(run["distill"], {key: inputs.attrs[key] for key in ("command", "params", "created")})
     if export is not None:
         _export_support(out, export)
     summary = {"out": str(out), **summary}

@@ -9,7 +9,8 @@ stacks the rows of class c, classes being the network's predictions (or the labe
 - `gradient_support`: synthetic features φ̂ = Φ_cᵀu in the span of one class's features: the top eigen-direction
   of each k-means cluster of the class, then the leading global directions those miss ("gaps").
 - `select`: subsets of the real points (random, kmeans, leverage, farthest).
-- Diagnostics: `effective_rank`, `rank_at` (r_ε), `kernel_alignment`, `predictor_kernel`, `nearest`.
+- Diagnostics: `effective_rank`, `rank_at` (r_ε), `kernel_alignment` (of `centred` kernels too),
+  `predictor_kernel`, `nearest`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,8 @@ from torch import Tensor
 
 METHODS = ("kip", "gradient", "select")
 SELECTIONS = ("random", "kmeans", "leverage", "farthest")
-DISTILL_METRICS = (
-    "reduction",
-    "kernel_alignment",
-    "kernel_alignment_centred",
-)  # added to the faithfulness of a surrogate on a distilled support
+# added to the faithfulness of a surrogate on a distilled support
+DISTILL_METRICS = ("reduction", "kernel_alignment", "kernel_alignment_centred")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,11 +224,11 @@ def gradient_support(
     local, local_classes = [], []
     for c, k in enumerate(per_class):
         rows = torch.nonzero(classes == c).flatten()
-        clusters = max(1, k - int(gap_fraction * k)) if len(rows) else 0
-        if not clusters:
+        if not (k and len(rows)):
             continue
-        labels = _kmeans(unit[rows], min(clusters, len(rows)), _draw_seed(generator))
-        for j in range(int(labels.max()) + 1):
+        clusters = min(len(rows), max(1, k - int(gap_fraction * k)))
+        labels = _kmeans(unit[rows], clusters, _draw_seed(generator))
+        for j in labels.unique():  # k-means may find fewer distinct clusters among repeated points
             block = features[rows[labels == j]]
             top = torch.linalg.svd(block.double(), full_matrices=False).Vh[0].to(block.dtype)
             local.append(_synthetic(block, top))

@@ -248,5 +248,10 @@ def test_distill_refuses_other_data_and_a_second_support(tmp_path):
     np.savez(tmp_path / "other.npz", x=np.ones((10, 6)), y=np.arange(10) % 3)
     other = _invoke(*args, "--train", tmp_path / "other.npz")
     assert other.exit_code == 3 and "other train data" in other.output
+    torch.save(mlp().state_dict(), tmp_path / "w.pt")
+    weighted = _invoke(*args, *data, "--weights", tmp_path / "w.pt", "--overwrite")
+    assert weighted.exit_code == 3 and "another model or weights" in weighted.output
     assert run.read_bytes() == before
     assert _invoke(*args, *data, "--overwrite", "--seed", "1", "--quiet").exit_code == 0
+    with h5py.File(run) as f:
+        assert json.loads(f["distill"].attrs["params"])["distill"]["seed"] == 1 and f["distill"].attrs["command"]
