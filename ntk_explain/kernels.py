@@ -112,18 +112,37 @@ def project(plan: TangentPlan, factors: Factors, projection: Projection, block_n
     return out
 
 
-def sketch_dims(plan: TangentPlan, dim: int) -> list[int]:
-    """The share of d of each sketched group: the dense parameters (if any), then every factorised layer."""
-    dense = sum(plan.params[name].numel() for name in plan.dense)
-    layers = [layer.out_features * (layer.in_features * bool(layer.weight) + bool(layer.bias)) for layer in plan.layers]
-    return split_dims(dim, ([dense] if dense else []) + layers)
+def sketch_dims(plan: TangentPlan, dim: int, energies: list[float] | None = None) -> list[int]:
+    """The share of d of each sketched group (the dense parameters, if any, then every factorised layer): in
+    proportion to the groups' `energies` when given, else to their sizes.
+
+    A sketch of group l with d_l dimensions estimates ⟨g_l, g_l'⟩ with variance ~ ‖g_l‖²‖g_l'‖²/d_l, so
+    Σ_l E_l²/d_l under Σ d_l = d is least for d_l ∝ E_l, the group's share of the self-kernel (`sketch_energies`).
+    """
+    if energies is None:
+        dense = sum(plan.params[name].numel() for name in plan.dense)
+        sizes = [
+            layer.out_features * (layer.in_features * bool(layer.weight) + bool(layer.bias)) for layer in plan.layers
+        ]
+        energies = ([dense] if dense else []) + sizes
+    return split_dims(dim, [max(e, 1e-30) for e in energies])
+
+
+def sketch_energies(factors: Factors) -> list[float]:
+    """Σ_x ‖g_l(x)‖² over the samples of `factors` for every sketched group, in `sketch_dims` order."""
+    dense = [float(feature_gram(factors.dense, None, "trace").sum())] if factors.dense.shape[-1] else []
+    layers = [
+        float(factor_gram(d, a, None, None, "trace").sum()) for d, a in zip(factors.deltas, factors.inputs, strict=True)
+    ]
+    return dense + layers
 
 
 def sketch(plan: TangentPlan, factors: Factors, projection: Projection) -> Tensor:
     """Sketched features (n, K, d): a CountSketch of the dense gradients and a TensorSketch (or Kronecker
-    projection) of every factorised layer's Σ_s δ_s ã_sᵀ, each into its own share of d (`sketch_dims`), concatenated."""
+    projection) of every factorised layer's Σ_s δ_s ã_sᵀ, each into its own share of d (`projection.shares`, or
+    `sketch_dims` by size), concatenated."""
     layer_sketch = tensor_sketch if projection.kind == "tensorsketch" else kronecker_sketch
-    dims = sketch_dims(plan, projection.dim)
+    dims = list(projection.shares) if projection.shares else sketch_dims(plan, projection.dim)
     parts = []
     if factors.dense.shape[-1]:
         size = factors.dense.shape[-1]

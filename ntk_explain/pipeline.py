@@ -49,6 +49,7 @@ from ntk_explain.kernels import (
     project,
     self_kernel,
     sketch_dims,
+    sketch_energies,
 )
 from ntk_explain.loading import Dataset
 from ntk_explain.metrics import faithfulness
@@ -57,6 +58,7 @@ from ntk_explain.surrogate import FeatureKernel, Kernel, KernelGLM, KernelRidge
 
 FEATURE_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_DIMS = {"pseudo": 4096, "trace": 10240, "diagonal": 10240, "full": 10240}
+SKETCH_PROBE = 64  # the first training rows whose gradient energies share out a sketch's dimensions
 MAX_TILE = 4096  # default cap on rows per tile, so that progress is reported often enough
 _CLASS_DIMS = {"trace": (), "diagonal": ("class",), "full": ("class", "class")}
 
@@ -155,8 +157,10 @@ class Featurizer:
     attrs: dict
 
 
-def featurizer(model: nn.Module, spec: KernelSpec, example: Tensor, budget: Budget) -> Featurizer:
-    """The featurizer of `spec` for inputs like `example` (one sample, on the budget's device)."""
+def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget) -> Featurizer:
+    """The featurizer of `spec` for inputs like `probe` (a few samples, on the budget's device): its first sample
+    plans the tangents; for a sketch, the groups' energies on all of it share out d (`sketch_dims`)."""
+    example = probe[0]
     itemsize = example.element_size()
     if spec.kernel == "ck":
         width = penultimate(model, example[None]).shape[-1]
@@ -187,7 +191,10 @@ def featurizer(model: nn.Module, spec: KernelSpec, example: Tensor, budget: Budg
         )
     projection = Projection(spec.projection, spec.proj_dim, spec.seed)
     if spec.projection in SKETCHES:
-        attrs["sketch_dims"] = sketch_dims(plan, spec.proj_dim)
+        with torch.no_grad():
+            dims = sketch_dims(plan, spec.proj_dim, sketch_energies(tangent_factors(model, plan, probe)))
+        projection = replace(projection, shares=tuple(dims))
+        attrs.update(sketch_dims=dims, sketch_probe=len(probe))
     block_numel = max(1, budget.bytes // (8 * itemsize))
 
     def featurize(x: Tensor) -> Factors:
@@ -349,7 +356,7 @@ def _compute_kernel(
 ) -> dict:
     group = run.create_group(f"kernel/{spec.name}")
     sets = [train] + ([test] if test is not None else [])
-    features = featurizer(model, spec, train[0].to(budget.device), budget)
+    features = featurizer(model, spec, train[:SKETCH_PROBE].to(budget.device), budget)
     tile = _tile_size(len(train), features.work_bytes, features.pair_bytes, budget)
     store.set_attrs(group, {"tile": tile, "complete": False})
     keep = sum(len(x) for x in sets) * features.kept_bytes <= budget.bytes // 4
@@ -507,7 +514,7 @@ def distill_support(
     progress = progress or Silent()
     began = time.perf_counter()
     device, x = budget.device, train.x
-    features = featurizer(model, spec, x[0].to(device), budget)
+    features = featurizer(model, spec, x[:SKETCH_PROBE].to(device), budget)
     width = features.classes * spec.proj_dim
     rows = len(x) + (len(test) if test is not None else 0)
     if 3 * rows * width * x.element_size() > budget.bytes:

@@ -37,6 +37,7 @@ class Projection:
     kind: str
     dim: int
     seed: int = 0
+    shares: tuple[int, ...] | None = None  # sketches: the dimensions of each group (default: by size)
 
     def __post_init__(self) -> None:
         if self.kind not in PROJECTIONS[1:]:

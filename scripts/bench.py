@@ -26,6 +26,11 @@ What is measured
    RSS (os.wait4), its per-sample Jacobian count (distill: N + M + kip's (steps + 1)·m), the kernel entries it
    forms (N² + MN against m² + Mm), and the surrogate's agreement with the network and Kendall τ.
 
+6. Projection quality against TRAK's method, implemented here (per-sample gradients by vmap(grad), times a dense
+   Gaussian R drawn in column chunks): pseudo features at d = 4096 of N = 256 randn inputs (CNN, MLP at init) by
+   TRAK, gaussian, sparse, tensorsketch and kronecker; samples/s, the relative error of the cosine-normalised kernel
+   against the exact pseudo kernel, and the share of a plain batched forward + backward pass's samples/s.
+
 How
 ---
 Every measurement runs in a fresh subprocess (`bench.py --worker NAME ...`) that prints its
@@ -184,6 +189,93 @@ def project_all(model: nn.Module, x: Tensor, kind: str, dim: int, tile: int) -> 
         project(plan, tangent_factors(model, plan, chunk), projection, BLOCK_NUMEL)
 
 
+def trak_features(model: nn.Module, x: Tensor, dim: int, tile: int) -> Tensor:
+    """TRAK's method, as a baseline: per-sample gradients of the pseudo output Σ_c f_c/√C (vmap(grad)), flattened,
+    times a dense Gaussian R (P × d, N(0, 1/d)) drawn in column chunks of the gradient (seeded, reused per tile)."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def pseudo(p: dict[str, Tensor], one: Tensor) -> Tensor:
+        logits = functional_call(model, p, (one.unsqueeze(0),)).squeeze(0)
+        return logits.sum() / logits.shape[0] ** 0.5
+
+    chunk = max(1, 2**24 // dim)
+    out = []
+    for start in range(0, len(x), tile):
+        grads = torch.cat(
+            [g.flatten(1) for g in vmap(grad(pseudo), (None, 0))(params, x[start : start + tile]).values()], 1
+        )
+        features = grads.new_zeros((grads.shape[0], dim))
+        generator = torch.Generator(device=grads.device).manual_seed(0)
+        for c0 in range(0, grads.shape[1], chunk):
+            block = torch.randn(min(chunk, grads.shape[1] - c0), dim, generator=generator, device=grads.device)
+            features += grads[:, c0 : c0 + chunk] @ block
+        out.append(features / dim**0.5)
+    return torch.cat(out)
+
+
+def quality_worker(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Projected pseudo features of N inputs by one method: samples/s, the relative error of their cosine kernel
+    against the exact pseudo kernel, and the samples/s of a plain batched forward + backward pass of the model."""
+    import numpy as np
+    import torch
+
+    from ntk_explain.gradients import plan_tangents, tangent_factors
+    from ntk_explain.kernels import gram
+    from ntk_explain.pipeline import SKETCH_PROBE, Budget, KernelSpec, featurizer
+    from ntk_explain.store import cosine_normalize
+
+    model = make_model(args.model).to(device)
+    x = inputs(args.model, args.n).to(device)
+    plan = plan_tangents(model, x[0], "pseudo")
+    base = rss_now_mb()
+
+    ours = None
+    if args.kind != "trak":  # the library's featurizer: sketches share d by the first 64 rows' gradient energies
+        ours = featurizer(model, KernelSpec("pseudo", args.kind, args.dim), x[:SKETCH_PROBE], Budget(device, 2**31))
+
+    def features(xs: Tensor) -> Tensor:
+        if ours is None:
+            return trak_features(model, xs, args.dim, args.tile)
+        return torch.cat([ours.featurize(xs[s : s + args.tile]).dense[:, 0] for s in range(0, len(xs), args.tile)])
+
+    with torch.no_grad():
+        if args.kind != "trak":  # warm-up (TRAK's cost is its R, drawn for every batch anyway)
+            features(x[:WARMUP_N])
+        result: list[Tensor] = []
+        times = timed(lambda: result.append(features(x)), device, args.repeats)
+    phi = result[-1].double().cpu().numpy()
+    factors = tangent_factors(model, plan, x)
+    exact = gram(factors, factors, "trace").double().cpu().numpy()
+    approx = phi @ phi.T
+    cosine_exact = cosine_normalize(exact, exact.diagonal(), exact.diagonal())
+    cosine_approx = cosine_normalize(approx, approx.diagonal(), approx.diagonal())
+    error = np.linalg.norm(cosine_approx - cosine_exact) / np.linalg.norm(cosine_exact)
+
+    def forward_backward() -> None:
+        for s in range(0, args.n, args.tile):
+            model.zero_grad()
+            model(x[s : s + args.tile]).sum().backward()
+
+    plain = timed(forward_backward, device, 3)
+    return {
+        "worker": "quality",
+        "device": str(device),
+        "n": args.n,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "times_s": times,
+        "best_s": min(times),
+        "samples_per_s": args.n / min(times),
+        "cosine_error": float(error),
+        "fwd_bwd_samples_per_s": args.n / min(plain),
+        "base_rss_mb": base,
+        "peak_rss_mb": peak_rss_mb(),
+        "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else None,
+    }
+
+
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement in this (fresh) process; returns what the parent prints."""
     import numpy as np
@@ -192,6 +284,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve(args.device)
     if args.worker in ("synthetic", "attribute"):
         return attribute_worker(args, device)
+    if args.worker == "quality":
+        return quality_worker(args, device)
     if args.worker == "weights":
         from safetensors.torch import save_file
 
@@ -530,6 +624,32 @@ def workload_distill(args: argparse.Namespace, tmp: str, reduction: float) -> tu
     return rows, runs
 
 
+def workload_quality(args: argparse.Namespace, tmp: str, n: int) -> tuple[list[Row], dict]:
+    """6: pseudo features at d = 4096 against TRAK's dense Gaussian projection (implemented here): samples/s, cosine
+    kernel error against the exact pseudo kernel, and the share of a plain forward + backward pass's samples/s."""
+    rows, raw = [], {}
+    for model in ("cnn", "mlp"):
+        results = {}
+        for kind in ("trak", "gaussian", "sparse", "tensorsketch", "kronecker"):
+            label = f"6 pseudo {kind} d={PROJ_DIM} ({model.upper()})"
+            results[kind] = measure(
+                label, "quality", args, tmp, n=n, repeats=1, model=model, kind=kind, dim=PROJ_DIM, tile=PROJ_TILE
+            )
+        trak = results["trak"]
+        for kind, result in results.items():
+            row = Row(f"6 {kind} vs TRAK, {model.upper()} d={PROJ_DIM}", n, result.get("best_s"), trak.get("best_s"))
+            row.peak_ours_mb, row.peak_naive_mb = result.get("peak_rss_mb"), trak.get("peak_rss_mb")
+            row.note = result.get("error") or (
+                f"{result['samples_per_s']:.0f} samples/s, cosine error {result['cosine_error']:.4f} "
+                f"(TRAK {trak.get('cosine_error', float('nan')):.4f}); "
+                f"{100 * result['samples_per_s'] / result['fwd_bwd_samples_per_s']:.0f}% of forward+backward "
+                f"({result['fwd_bwd_samples_per_s']:.0f} samples/s)"
+            )
+            rows.append(row)
+            raw[f"{model}-{kind}"] = result
+    return rows, raw
+
+
 def fmt(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -566,6 +686,7 @@ def run_all(args: argparse.Namespace) -> None:
         "3": lambda tmp: workload_project(args, tmp, n3),
         "4": lambda tmp: workload_attribute(args, tmp, *ATTRIBUTE_SIZES["quick" if args.quick else "default"]),
         "5": lambda tmp: workload_distill(args, tmp, DISTILL_REDUCTION),
+        "6": lambda tmp: workload_quality(args, tmp, n3 // 4),
     }
     rows, raws = [], {}
     with tempfile.TemporaryDirectory(prefix="ntk-bench-") as tmp:
@@ -594,9 +715,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--json", help="also save the figures to this JSON file")
     worker = parser.add_argument_group("worker (internal)")
-    parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated workloads to run (default: all, 1-5)")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated workloads to run (default: all, 1-6)")
     worker.add_argument(
-        "--worker", choices=("ours", "naive", "project", "synthetic", "attribute", "weights"), help=argparse.SUPPRESS
+        "--worker",
+        choices=("ours", "naive", "project", "synthetic", "attribute", "weights", "quality"),
+        help=argparse.SUPPRESS,
     )
     worker.add_argument("--m", type=int, default=1000, help=argparse.SUPPRESS)
     worker.add_argument("--tmp", help=argparse.SUPPRESS)

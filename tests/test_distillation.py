@@ -40,7 +40,7 @@ def test_kip_loss_gradient_matches_central_differences(cosine):
     generator = torch.Generator().manual_seed(0)
     support = torch.randn(4, 6, generator=generator, dtype=torch.float64)
     targets = torch.randn(9, 6, generator=generator, dtype=torch.float64)
-    features = featurizer(model, KernelSpec("pseudo", "sparse", 32), support[0], Budget(torch.device("cpu"), 2**28))
+    features = featurizer(model, KernelSpec("pseudo", "sparse", 32), support, Budget(torch.device("cpu"), 2**28))
 
     def feature_map(x):
         return features.featurize(x).dense.reshape(len(x), -1)
