@@ -343,7 +343,9 @@ def write_array(
     return ds
 
 
-def features_dataset(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: torch.dtype, dims: Sequence[str]):
+def features_dataset(
+    group: h5py.Group, name: str, shape: tuple[int, ...], dtype: torch.dtype, dims: Sequence[str]
+) -> h5py.Dataset:
     """An empty features dataset of torch `dtype`; bfloat16, which HDF5 lacks, is kept as its 16 raw bits (uint16)
     with the attribute encoding="bfloat16" (`read_features` undoes it)."""
     if dtype == torch.bfloat16:
