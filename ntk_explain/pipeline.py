@@ -762,8 +762,9 @@ def attribute_run(
     The fit holds the train×train kernel in memory (float64), or for a projected kernel only its features; the
     explained×train kernel and the scores stream in row blocks sized by the budget. Explained points are the test
     set, or the training set when there is none. On the distilled support (/kernel/distilled) the surrogate is fitted
-    to the support's labels and the groups go under /distill, beside the full-data ones; its faithfulness also holds
-    the kernel alignment with the full-data predictor and the reduction N/m.
+    to the support's labels (fit_on="support") or, with the support as its basis, to the network on all N training
+    points through the stored N×m kernel (fit_on="train"); its groups go under /distill, beside the full-data ones,
+    and its faithfulness also holds the reduction N/m and the kernel alignments with the full-data predictor.
     """
     progress = progress or Silent()
     with store.update_run(path) as run:
