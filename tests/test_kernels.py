@@ -193,17 +193,21 @@ def test_exported_program_kernel(tmp_path):
     assert rel(got["test_train"], reference.kernel(j_test, j_train, "diagonal")) < TOL
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_tensorsketch_is_the_sketch_of_each_layer_gradient(name):
-    """FFT path vs the definition: TS(G)_b = Σ_{(h₁(o) + h₂(i)) mod d = b} s₁(o) s₂(i) G_oi, G = Σ_s δ_s ã_sᵀ;
-    dense parameters by a CountSketch of their gradients."""
+def _sketched(name: str, kind: str, seed: int) -> tuple:
+    """Factors of 3 samples of test model `name`, their d = 40 sketch by `kind`, and its size-shared dimensions."""
     model = MODELS[name][0]()
     x = data(name, 3, 0)
     plan = plan_tangents(model, x[0])
     factors = tangent_factors(model, plan, x)
-    got = project(plan, factors, Projection("tensorsketch", 40, seed=7), block_numel=0)
-    dims = sketch_dims(plan, 40)
-    assert got.shape == (3, plan.outputs, 40) and sum(dims) == 40
+    return factors, project(plan, factors, Projection(kind, 40, seed=seed), block_numel=0), sketch_dims(plan, 40)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_tensorsketch_is_the_sketch_of_each_layer_gradient(name):
+    """FFT path vs the definition: TS(G)_b = Σ_{(h₁(o) + h₂(i)) mod d = b} s₁(o) s₂(i) G_oi, G = Σ_s δ_s ã_sᵀ;
+    dense parameters by a CountSketch of their gradients."""
+    factors, got, dims = _sketched(name, "tensorsketch", seed=7)
+    assert got.shape == (3, factors.deltas[0].shape[1], 40) and sum(dims) == 40
     parts = []
     if factors.dense.shape[-1]:
         buckets, signs = hashes(7, 0, factors.dense.shape[-1], dims[0], torch.device("cpu"))
@@ -227,12 +231,7 @@ def test_tensorsketch_is_the_sketch_of_each_layer_gradient(name):
 def test_kronecker_is_the_projection_of_each_layer_gradient(name):
     """Per factorised layer, (R_out ⊗ R_in)ᵀ vec(Σ_s δ_s ã_sᵀ) padded to its share of d; dense parameters as for
     tensorsketch (a CountSketch)."""
-    model = MODELS[name][0]()
-    x = data(name, 3, 0)
-    plan = plan_tangents(model, x[0])
-    factors = tangent_factors(model, plan, x)
-    got = project(plan, factors, Projection("kronecker", 40, seed=5), block_numel=0)
-    dims = sketch_dims(plan, 40)
+    factors, got, dims = _sketched(name, "kronecker", seed=5)
     start = dims[0] if factors.dense.shape[-1] else 0
     for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
         d = dims[stream - (0 if factors.dense.shape[-1] else 1)]
