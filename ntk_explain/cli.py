@@ -29,6 +29,7 @@ from ntk_explain.kernels import KERNELS
 from ntk_explain.loading import Dataset, check_model_on_data, load_dataset, load_model
 from ntk_explain.metrics import METRIC_NAMES
 from ntk_explain.pipeline import (
+    DEFAULT_REDUCTION,
     FEATURE_DTYPES,
     NORMALIZATIONS,
     Budget,
@@ -650,7 +651,9 @@ def distill(
         Method, typer.Option(help="kip: synthetic inputs; gradient: synthetic features; select.")
     ] = "kip",
     select: Annotated[Selection, typer.Option(help="The subset rule of select, and kip's starting points.")] = "random",
-    reduction: Annotated[float | None, typer.Option(help="Support size m = N/R (default 20).", min=1.0)] = None,
+    reduction: Annotated[
+        float | None, typer.Option(help=f"Support size m = N/R (default {DEFAULT_REDUCTION:g}).", min=1.0)
+    ] = None,
     per_class: Annotated[
         int | None, typer.Option(help="Support points per class, instead of --reduction.", min=1)
     ] = None,
@@ -695,7 +698,7 @@ def distill(
     plan = DistillSpec(
         Method(method).value,
         Selection(select).value,
-        (reduction or 20.0) if per_class is None else None,
+        (reduction or DEFAULT_REDUCTION) if per_class is None else None,
         per_class,
         Target(target).value,
         KIP(steps, lr, reg, kip_batch, learn_labels),

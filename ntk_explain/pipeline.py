@@ -377,6 +377,9 @@ def _compute_kernel(
     return attrs
 
 
+DEFAULT_REDUCTION = 20.0  # N/m when neither --reduction nor --per-class is given
+
+
 @dataclass(frozen=True)
 class DistillSpec:
     """How `distill` builds its support: the method, its size (m = N/reduction, or per_class per class), the classes
@@ -384,7 +387,7 @@ class DistillSpec:
 
     method: str = "kip"
     selection: str = "random"
-    reduction: float | None = 20.0
+    reduction: float | None = DEFAULT_REDUCTION
     per_class: int | None = None
     target: str = "model"
     kip: KIP = field(default_factory=KIP)
@@ -406,7 +409,7 @@ class DistillSpec:
         """m_c of every class: per_class each (at most n_c), or N/reduction split in proportion to the classes."""
         if self.per_class is not None:
             return [min(n, self.per_class) for n in class_sizes]
-        return allocate(class_sizes, round(sum(class_sizes) / (self.reduction or 20.0)))
+        return allocate(class_sizes, round(sum(class_sizes) / (self.reduction or DEFAULT_REDUCTION)))
 
 
 RANK_EPS = (0.01, 0.05)
@@ -448,19 +451,21 @@ def build_support(
     sizes: list[int],
     progress: Progress,
 ) -> Support:
-    """The support of `distill.method` from the training inputs x, their features φ (N, K·d), classes and network
-    outputs y_t (N, C) (kip's targets); `feature_map` gives the (differentiable) features of inputs."""
+    """The support of `distill.method` from the training inputs x (N, …, any device), their features φ (N, K·d),
+    classes and network outputs y_t (N, C) (kip's targets); `feature_map` gives the (differentiable) features of
+    inputs. Only the chosen rows of x move to φ's device."""
     n_classes = outputs.shape[1]
     if distill.method == "gradient":
         features, support_classes = gradient_support(phi, classes, sizes, distill.seed)
         return Support(features, support_classes, centred_one_hot(support_classes, n_classes, phi.dtype))
     source = select(phi, classes, sizes, distill.selection, distill.seed)  # kip's starting points too
     labels = centred_one_hot(classes[source], n_classes, phi.dtype)
+    inputs = x[source.cpu()].to(phi.device)
     if distill.method == "select":
-        return Support(phi[source], classes[source], labels, x[source], source)
+        return Support(phi[source], classes[source], labels, inputs, source)
     kip = replace(distill.kip, seed=distill.seed)
     progress.start("kip steps", kip.steps)
-    kip.fit(feature_map, x[source], labels, phi, outputs, classes, lambda _loss: progress.advance())
+    kip.fit(feature_map, inputs, labels, phi, outputs, classes, lambda _loss: progress.advance())
     with torch.no_grad():
         features = feature_map(kip.inputs_)
     jacobians = (kip.steps + 1) * len(source)
@@ -528,7 +533,7 @@ def distill_support(
     support = build_support(
         distill,
         lambda z: features.featurize(z).dense.reshape(len(z), -1),
-        x.to(device),
+        x,
         phi,
         classes,
         outputs,
@@ -786,9 +791,9 @@ def attribute_run(
         kernel = _train_kernel(group, spec.normalize, budget, "full" if on_train else "train")
         surrogate = _fit(spec, kernel, run["data/train"], None if on_train else distilled, budget.device, progress)
         split = "test" if "test_train" in group else "train"
-        explained = run[f"data/{split}"] if distilled is None or split == "test" else None
-        if explained is None:
+        if distilled is not None and split != "test":
             raise BadInputError("a distilled support is explained on a test set: distil with --test")
+        explained = run[f"data/{split}"]
         nn_logits = explained["nn_logits"][()]
         predicted = torch.from_numpy(nn_logits.argmax(1))
         out = parent.create_group("attribution")
