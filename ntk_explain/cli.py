@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from safetensors.torch import save_file
 
-from ntk_explain import store, zoo
+from ntk_explain import distributed, store, zoo
 from ntk_explain.distillation import DISTILL_METRICS, KIP, METHODS, SELECTIONS
 from ntk_explain.errors import BadInputError, NtkExplainError, OutOfMemoryError, UsageError
 from ntk_explain.kernels import KERNELS
@@ -87,8 +87,8 @@ def reported(command: Callable) -> Callable:
             if kwargs.get("debug"):
                 raise
             raise typer.Exit(_exit_code(error)) from None
-        except KeyboardInterrupt:
-            stderr.print("interrupted", style="red", highlight=False)
+        except KeyboardInterrupt as interrupt:
+            stderr.print(f"interrupted{f': {interrupt}' if str(interrupt) else ''}", style="red", highlight=False)
             raise typer.Exit(130) from None
 
     return run
@@ -195,7 +195,7 @@ def load_inputs(
     options: dict,
 ) -> Inputs:
     """Validate the options shared by compute and distill, load the model and the data; `options` are recorded too."""
-    torch_device = resolve_device(device)
+    torch_device = distributed.local_device(resolve_device(device), distributed.from_environment())
     torch_dtype = getattr(torch, dtype)
     budget = Budget(torch_device, memory_budget(torch_device, max_memory), _batch_size(batch_size))
     kwargs = _json_object(model_kwargs, "--model-kwargs")
@@ -255,10 +255,20 @@ def run_compute(
     max_memory: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    resume: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Load, validate, and write the run file with every requested kernel; returns a summary."""
+    """Load, validate, and write the run file with every requested kernel; returns a summary.
+
+    An interrupt keeps the partial run file; `resume` continues it (same options; the memory budget and batch size
+    it recorded stand in for defaults, so its tiles, and therefore its numbers, stay the same)."""
     store.check_target(out, overwrite=overwrite)
+    shard = distributed.from_environment()
+    written = out if shard.world == 1 else store.shard_path(out, shard.rank, shard.world)
+    recorded = store.partial_params(written) if resume else None
+    if recorded:
+        max_memory = max_memory or str(recorded["max_memory"])
+        batch_size = str(recorded["batch_size"]) if batch_size in (None, "auto") else batch_size
     kernels = _split_list(kernel, "--kernel", KERNELS)
     globs = _split_list(params, "--params")
     if proj_dim is not None and proj_dim < 1:
@@ -287,26 +297,47 @@ def run_compute(
         seed=seed,
         options=options,
     )
-    data, budget = inputs.data, inputs.budget
+    data, budget = inputs.data, replace(inputs.budget, shard=shard)
     specs = [KernelSpec(k, projection, proj_dim, seed, globs, feature_dtype) for k in kernels]
     started = time.perf_counter()
     summary: dict = {"out": str(out), "device": str(budget.device), "classes": inputs.classes, "kernels": {}}
-    with _progress_bar(quiet) as bar, store.create_run(out, overwrite=overwrite, attrs=inputs.attrs) as run:
-        progress = RichProgress(bar)
-        for split, dataset in data.items():
-            write_data(run, split, dataset, network_logits(inputs.net, dataset.x, budget))
-            summary[f"n_{split}"] = len(dataset.x)
-        for spec in specs:
-            began = time.perf_counter()
-            kernel_attrs = compute_kernel(
-                run, inputs.net, spec, data["train"].x, data["test"].x if "test" in data else None, budget, progress
-            )
-            summary["kernels"][spec.name] = {**kernel_attrs, "seconds": round(time.perf_counter() - began, 3)}
+    target = store.create_run(
+        written, overwrite=overwrite or shard.world > 1, attrs=inputs.attrs, resumable=True, resume=resume
+    )
+    if shard.world > 1:
+        summary.update(rank=shard.rank, world_size=shard.world)
+        distributed.start(shard, budget.device)
+    try:
+        with _progress_bar(quiet or shard.rank > 0) as bar, target as run:
+            summary["resumed"] = int(run.attrs.get("resumed", 0))
+            progress = RichProgress(bar)
+            for split, dataset in data.items():
+                write_data(run, split, dataset, network_logits(inputs.net, dataset.x, budget))
+                summary[f"n_{split}"] = len(dataset.x)
+            for spec in specs:
+                began = time.perf_counter()
+                test_x = data["test"].x if "test" in data else None
+                kernel_attrs = compute_kernel(run, inputs.net, spec, data["train"].x, test_x, budget, progress)
+                summary["kernels"][spec.name] = {**kernel_attrs, "seconds": round(time.perf_counter() - began, 3)}
+        if shard.world > 1:
+            distributed.barrier(shard)
+            if shard.rank == 0:
+                shards = [store.shard_path(out, rank, shard.world) for rank in range(shard.world)]
+                store.join_shards(out, shards, overwrite=overwrite)
+            distributed.barrier(shard)
+    except KeyboardInterrupt:
+        kept = store.partial_path(written)
+        raise KeyboardInterrupt(f"the partial run is kept in {kept}; --resume continues it") from None
+    finally:
+        distributed.stop(shard)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 
 
 def _report(summary: dict, as_json: bool, quiet: bool) -> None:
+    """The summary of compute, from rank 0 alone under torchrun."""
+    if summary.get("rank", 0) > 0:
+        return
     if as_json:
         typer.echo(json.dumps(summary, default=str))
     elif not quiet:
@@ -344,6 +375,9 @@ def compute(
     max_memory: MaxMemory = None,
     seed: Annotated[int, typer.Option(help="Seed of the random projection.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the partial run that an interrupted or killed compute of --out left.")
+    ] = False,
     quiet: Quiet = False,
     as_json: Json = False,
     debug: Debug = False,
@@ -371,6 +405,7 @@ def compute(
         max_memory=max_memory,
         seed=seed,
         overwrite=overwrite,
+        resume=resume,
         quiet=quiet,
     )
     _report(summary, as_json, quiet)
@@ -496,6 +531,8 @@ def attribute(
     debug: Debug = False,
 ) -> None:
     """Fit a kernel surrogate, write data-attribution scores and faithfulness metrics into the run file."""
+    if distributed.from_environment().rank > 0:
+        return  # under torchrun, rank 0 fits and writes; the fit is not sharded
     summary = run_attribute(
         run,
         kernel=kernel,
@@ -686,6 +723,8 @@ def distill(
     debug: Debug = False,
 ) -> None:
     """Distil the training set into m ≪ N support points (the distilled NTK); write their kernel with the test set."""
+    if distributed.from_environment().rank > 0:
+        return  # under torchrun, rank 0 distils and writes; distillation is not sharded
     if reduction is not None and per_class is not None:
         raise UsageError("give --reduction or --per-class, not both")
     if kernel not in ("pseudo", "trace"):

@@ -4,15 +4,22 @@ The output map o: R^C → R^K is either the logits themselves (K = C; full, diag
 kernels) or their scaled sum o(x) = Σ_c f_c(x)/√C (K = 1; the pseudo kernel, whose Gram is
 (1/C)⟨Σ_c g_c, Σ_c g_c'⟩).
 
-Parameters are split per layer into two exact methods (Novak et al. 2022):
+Parameters are split per layer between exact methods (Novak et al. 2022):
 
 - **factorised** (`nn.Linear`, `nn.Conv2d`): the weight gradient of one sample is a sum of
   outer products Σ_s δ_s a_sᵀ over its sites s (positions × calls: a layer applied twice has two
   sites), δ_s = ∂o/∂z_s (K × d_out) the gradient at the layer output and a_s (d_in) its input
   (a Conv2d patch). A bias adds a constant 1 to a_s. Such a layer is described by δ (K, S, d_out)
   and ã (S, d_in + bias) and never forms its P-sized gradient.
-- **dense** (every other parameter, and factorisable layers whose S² makes factorising dearer):
-  the per-sample Jacobian (K, P_dense) by `torch.func.jacrev`.
+- **lookup** (`nn.Embedding`): a factorised layer whose input is the one-hot e_{i_s} of the token
+  index i_s, so its weight gradient Σ_s δ_s e_{i_s}ᵀ (V × d) has the rows i_s only. It is described
+  by δ (K, S, d) and the indices i (S,), never by one-hot vectors.
+- **affine** (eval-mode `nn.BatchNorm*d`, `nn.LayerNorm`, `nn.GroupNorm`, `nn.RMSNorm`): y_s =
+  γ ⊙ x̂_s + β at every site (position) s, with x̂ recomputed from the input by the module's own
+  normalisation, so the gradients ∂o/∂γ = Σ_s δ_s ⊙ x̂_s and ∂o/∂β = Σ_s δ_s (K × channels) are
+  formed directly, without jacrev, and join the dense columns.
+- **dense** (every other parameter, and factorisable layers or lookups whose S² makes the structure
+  dearer): the per-sample Jacobian (K, P_dense) by `torch.func.jacrev`.
 
 δ is obtained with the output-perturbation trick: z_s ← z_s + ε_s with ε = 0, and δ = ∂o/∂ε.
 """
@@ -49,24 +56,62 @@ class Layer:
 
 
 @dataclass(frozen=True)
+class Lookup:
+    """An embedding whose weight gradient is Σ_s δ_s e_{i_s}ᵀ (rows × features) over S sites (indices × calls)."""
+
+    module: str
+    weight: str
+    rows: int  # V
+    features: int  # d
+    sites: int  # S
+    call_shapes: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A normalisation layer y_s = γ ⊙ x̂_s + β at every site s, γ and β of `channels` entries."""
+
+    module: str
+    weight: str | None  # γ's name when selected
+    bias: str | None  # β's
+    channels: int
+    call_shapes: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
 class TangentPlan:
     """Which parameters are differentiated, and by which method.
 
     `params` holds every selected parameter in `named_parameters()` order (shared tensors once);
-    it fixes the global coordinate order of θ used by projections.
+    it fixes the global coordinate order of θ used by projections. `dense` lists, in that order, the
+    parameters whose gradients are columns of `Factors.dense`: those of `jacobian` and of `affines`.
     """
 
     params: dict[str, Tensor]
     dense: tuple[str, ...]
     layers: tuple[Layer, ...]
+    lookups: tuple[Lookup, ...]
+    affines: tuple[Affine, ...]
     fixed: dict[str, Tensor]  # unselected parameters and buffers, passed as they are
     outputs: int  # K
     output: str  # "logits" | "pseudo"
+    dtype: torch.dtype  # of the logits, hence of every tangent feature
     activation_numel: int  # Σ numel of module outputs for one sample (memory estimate)
 
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
+
+    @property
+    def jacobian(self) -> tuple[str, ...]:
+        """The dense parameters differentiated by jacrev (the affine ones are formed from δ and x̂)."""
+        formed = {name for affine in self.affines for name in (affine.weight, affine.bias)}
+        return tuple(name for name in self.dense if name not in formed)
+
+    @property
+    def structured(self) -> tuple[Layer | Lookup | Affine, ...]:
+        """Every module whose output gradient δ is taken: the layers, then the lookups, then the affines."""
+        return (*self.layers, *self.lookups, *self.affines)
 
     def offsets(self) -> dict[str, int]:
         """Offset of each parameter's first coordinate in θ (flattened, `params` order)."""
@@ -81,14 +126,17 @@ class TangentPlan:
 class Factors:
     """Tangent features of n samples.
 
-    dense: (n, K, P_dense) Jacobian of the dense parameters, in `plan.dense` order.
+    dense: (n, K, P_dense) gradients of the dense parameters, in `plan.dense` order.
     deltas[l]: (n, K, S_l, d_out) output gradients; inputs[l]: (n, S_l, d_in') layer inputs
     (with a trailing 1 when the bias is selected; only the 1 when the weight is not).
+    lookup_deltas[e]: (n, K, S_e, d) output gradients of lookup e; indices[e]: (n, S_e) its rows i_s.
     """
 
     dense: Tensor
     deltas: tuple[Tensor, ...]
     inputs: tuple[Tensor, ...]
+    lookup_deltas: tuple[Tensor, ...] = ()
+    indices: tuple[Tensor, ...] = ()
 
     @property
     def n(self) -> int:
@@ -106,45 +154,89 @@ def select_parameters(model: nn.Module, globs: Sequence[str] | None = None) -> d
     return chosen
 
 
-def _site_inputs(module: nn.Module, a: Tensor) -> Tensor:
-    """The inputs a_s of every site of one call, (S_call, d_in); `a` is the call's input."""
-    if isinstance(module, nn.Conv2d):
-        patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
-        return patches[0].T
-    return a.reshape(-1, module.in_features)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _site_deltas(module: nn.Module, delta: Tensor) -> Tensor:
-    """Output gradients of one call, (n, K, 1, *out) → (n, K, S_call, d_out)."""
-    n, k = delta.shape[:2]
-    if isinstance(module, nn.Conv2d):
-        return delta.reshape(n, k, module.out_channels, -1).transpose(2, 3)
-    return delta.reshape(n, k, -1, module.out_features)
+def _method(module: nn.Module) -> str | None:
+    """The structured method a module allows: 'factorised', 'lookup', 'affine', or None (Jacobian only).
 
-
-def _factorisable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return (
+    BatchNorm is affine only in eval mode with running statistics (per-sample x̂); an Embedding only without
+    padding_idx, max_norm and scale_grad_by_freq (which alter its gradient or its weight).
+    """
+    if isinstance(module, nn.Linear) or (
         isinstance(module, nn.Conv2d)
         and module.groups == 1
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
-    )
+    ):
+        return "factorised"
+    if isinstance(module, nn.Embedding):
+        plain = module.padding_idx is None and module.max_norm is None and not module.scale_grad_by_freq
+        return "lookup" if plain else None
+    if isinstance(module, _BATCH_NORMS):
+        return "affine" if not module.training and module.running_mean is not None else None
+    return "affine" if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) else None
+
+
+def _width(module: nn.Module) -> int:
+    """Length of the vector each site of the module's output holds: d_out, d, or the channels γ scales."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return math.prod(module.normalized_shape)
+    return module.num_channels if isinstance(module, nn.GroupNorm) else module.num_features
+
+
+def _by_site(module: nn.Module, t: Tensor, lead: int) -> Tensor:
+    """A tensor shaped like one call's output, t (*lead, 1, *out), as (*lead, S_call, width): the channels at
+    every position for Conv2d, BatchNorm and GroupNorm (axis 1), the trailing axes for the other modules."""
+    width = _width(module)
+    if isinstance(module, (nn.Conv2d, nn.GroupNorm, *_BATCH_NORMS)):
+        return t.reshape(*t.shape[:lead], width, -1).transpose(-1, -2)
+    return t.reshape(*t.shape[:lead], -1, width)
+
+
+def _normalised(module: nn.Module, a: Tensor) -> Tensor:
+    """x̂ of one call: the module's own normalisation of its input a without the affine map (γ = 1, β = 0)."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+    if isinstance(module, nn.RMSNorm):
+        return F.rms_norm(a, module.normalized_shape, None, module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(a, module.num_groups, None, None, module.eps)
+    return F.batch_norm(a, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+
+
+def _site_inputs(module: nn.Module, a: Tensor) -> Tensor:
+    """What the sites of one call contribute besides δ, from the call's input a (batch of one): the inputs a_s
+    (S_call, d_in) of a factorised layer (Conv2d patches), the rows i_s (S_call,) of a lookup, or x̂ of an affine
+    layer, in its output's own layout (1, *out), summed over sites by `_affine_columns` without reordering."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+        return patches[0].T
+    if isinstance(module, nn.Linear):
+        return a.reshape(-1, module.in_features)
+    if isinstance(module, nn.Embedding):
+        return a.reshape(-1)
+    return _normalised(module, a)
 
 
 @contextmanager
 def _instrumented(
     modules: dict[str, nn.Module], eps: Sequence[Sequence[Tensor]] | None, record: dict[str, list]
 ) -> Iterator[None]:
-    """Forward hooks that record each call's input (and output shape) and add ε to its output."""
+    """Forward hooks that record each call's site inputs (and output shape) and add ε to its output."""
     handles = []
     for index, (name, module) in enumerate(modules.items()):
         record[name] = []
 
         def hook(mod: nn.Module, args: tuple, out: Tensor, index: int = index, name: str = name) -> Tensor:
             calls = record[name]
-            calls.append((args[0], tuple(out.shape)))
+            calls.append((_site_inputs(mod, args[0]), tuple(out.shape)))
             return out if eps is None else out + eps[index][len(calls) - 1]
 
         handles.append(module.register_forward_hook(hook))
@@ -162,13 +254,23 @@ def _output_map(logits: Tensor, output: str) -> Tensor:
     return logits
 
 
+def _selected(module: nn.Module, ids: dict[int, str]) -> tuple[str | None, str | None]:
+    """The names of the module's weight and bias when they are selected."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return ids.get(id(weight)) if weight is not None else None, ids.get(id(bias)) if bias is not None else None
+
+
 def plan_tangents(
     model: nn.Module, example: Tensor, output: str = "logits", globs: Sequence[str] | None = None
 ) -> TangentPlan:
     """Choose the method of every selected parameter from a dry run on one sample `example`.
 
-    A Linear/Conv2d layer whose weight and bias belong to it alone is factorised when the pair
-    cost S²(K·d_out + d_in) is below the dense Gram's K·d_out·d_in; otherwise it is dense.
+    Only a module whose parameters belong to it alone is structured; with K outputs and S sites per sample,
+    it is when its Gram costs no more per pair of samples than the dense one (K·(its P)):
+    - Linear/Conv2d (factorised): S²(K·d_out + d_in) ≤ K·d_out·d_in;
+    - Embedding (lookup): S²(K·d + 1) ≤ K·V·d, the δ Gram and one index comparison per pair of sites;
+    - normalisation (affine): always, since both ways give the same K × channels columns of γ and β from the same
+      backward pass, δ ⊙ x̂ summed over sites instead of jacrev's vector-Jacobian products through γ ⊙ x̂ + β.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}")
@@ -181,7 +283,7 @@ def plan_tangents(
     candidates = {
         name: m
         for name, m in model.named_modules()
-        if _factorisable(m)
+        if _method(m)
         and all(owners[id(p)] == 1 for p in m.parameters(recurse=False))
         and any(id(p) in ids for p in m.parameters(recurse=False))
     }
@@ -199,28 +301,38 @@ def plan_tangents(
     finally:
         counter.remove()
     outputs = _output_map(logits[0], output).shape[0]
-    layers = []
+    layers, lookups, affines = [], [], []
     for name, module in candidates.items():
         calls = record[name]
         if not calls:
             continue
-        sites = sum(_site_inputs(module, a).shape[0] for a, _ in calls)
-        d_in = _site_inputs(module, calls[0][0]).shape[1]
-        d_out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-        if sites**2 * (outputs * d_out + d_in) > outputs * d_out * d_in:
+        shapes = tuple(shape for _, shape in calls)
+        weight, bias = _selected(module, ids)
+        width = _width(module)
+        method = _method(module)
+        if method == "affine":
+            affines.append(Affine(name, weight, bias, width, shapes))
             continue
-        weight = ids.get(id(module.weight))
-        bias = ids.get(id(module.bias)) if module.bias is not None else None
-        layers.append(Layer(name, weight, bias, d_in, d_out, sites, tuple(s for _, s in calls)))
-    factorised = {n for layer in layers for n in (layer.weight, layer.bias) if n}
+        sites = sum(s.shape[0] for s, _ in calls)
+        if method == "lookup":
+            if sites**2 * (outputs * width + 1) <= outputs * module.num_embeddings * width:
+                lookups.append(Lookup(name, weight, module.num_embeddings, width, sites, shapes))
+        else:
+            d_in = calls[0][0].shape[1]
+            if sites**2 * (outputs * width + d_in) <= outputs * width * d_in:
+                layers.append(Layer(name, weight, bias, d_in, width, sites, shapes))
+    own = {n for layer in layers for n in (layer.weight, layer.bias) if n} | {lookup.weight for lookup in lookups}
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     return TangentPlan(
         params=params,
-        dense=tuple(n for n in params if n not in factorised),
+        dense=tuple(n for n in params if n not in own),
         layers=tuple(layers),
+        lookups=tuple(lookups),
+        affines=tuple(affines),
         fixed={n: t.detach() for n, t in state.items() if n not in params},
         outputs=outputs,
         output=output,
+        dtype=logits.dtype,
         activation_numel=activation_numel,
     )
 
@@ -228,35 +340,51 @@ def plan_tangents(
 def tangent_factors(model: nn.Module, plan: TangentPlan, x: Tensor) -> Factors:
     """Per-sample tangent features of the batch x (n, *input_shape), every sample independent."""
     modules = dict(model.named_modules())
-    layer_modules = {layer.module: modules[layer.module] for layer in plan.layers}
-    factorised = {n: plan.params[n].detach() for layer in plan.layers for n in (layer.weight, layer.bias) if n}
-    dense = {n: plan.params[n].detach() for n in plan.dense}
-    n = x.shape[0]
-    eps = tuple(tuple(x.new_zeros((n, *shape)) for shape in layer.call_shapes) for layer in plan.layers)
+    structured = {s.module: modules[s.module] for s in plan.structured}
+    free = {name: plan.params[name].detach() for name in plan.jacobian}
+    held = {name: p.detach() for name, p in plan.params.items() if name not in free}
+    n, k = x.shape[0], plan.outputs
+    eps = tuple(tuple(x.new_zeros((n, *shape), dtype=plan.dtype) for shape in s.call_shapes) for s in plan.structured)
 
-    def outputs(dense_params: dict[str, Tensor], eps_one: tuple, x_one: Tensor) -> tuple:
+    def outputs(free_params: dict[str, Tensor], eps_one: tuple, x_one: Tensor) -> tuple:
         record: dict[str, list] = {}
-        state = {**plan.fixed, **factorised, **dense_params}
-        with _instrumented(layer_modules, eps_one, record):
-            logits = functional_call(model, state, (x_one.unsqueeze(0),))
-        inputs = tuple(
-            torch.cat([_site_inputs(layer_modules[layer.module], a) for a, _ in record[layer.module]])
-            for layer in plan.layers
-        )
-        return _output_map(logits[0], plan.output), inputs
+        with _instrumented(structured, eps_one, record):
+            logits = functional_call(model, {**plan.fixed, **held, **free_params}, (x_one.unsqueeze(0),))
+        return _output_map(logits[0], plan.output), tuple(tuple(s for s, _ in record[m]) for m in structured)
 
-    (jac_dense, jac_eps), inputs = vmap(jacrev(outputs, argnums=(0, 1), has_aux=True), (None, 0, 0))(dense, eps, x)
-    k = plan.outputs
-    dense_cols = [jac_dense[name].reshape(n, k, -1) for name in plan.dense]
+    (jac_free, jac_eps), calls = vmap(jacrev(outputs, argnums=(0, 1), has_aux=True), (None, 0, 0))(free, eps, x)
+    n_layers, first_affine = len(plan.layers), len(plan.layers) + len(plan.lookups)
     deltas = tuple(
-        torch.cat([_site_deltas(layer_modules[layer.module], d) for d in calls], dim=2)
-        for layer, calls in zip(plan.layers, jac_eps, strict=True)
+        torch.cat([_by_site(structured[s.module], d, 2) for d in call_deltas], dim=2)
+        for s, call_deltas in zip(plan.structured[:first_affine], jac_eps[:first_affine], strict=True)
     )
+    sites = tuple(torch.cat(site_calls, dim=1) for site_calls in calls[:first_affine])
+    columns = {name: jac_free[name].reshape(n, k, -1) for name in free}
+    for affine, delta, x_hat in zip(plan.affines, jac_eps[first_affine:], calls[first_affine:], strict=True):
+        columns |= _affine_columns(structured[affine.module], affine, delta, x_hat)
+    dense = [columns[name] for name in plan.dense]
     return Factors(
-        dense=torch.cat(dense_cols, dim=2) if dense_cols else x.new_zeros((n, k, 0)),
-        deltas=deltas,
-        inputs=tuple(_augment(layer, a) for layer, a in zip(plan.layers, inputs, strict=True)),
+        dense=torch.cat(dense, dim=2) if dense else x.new_zeros((n, k, 0), dtype=plan.dtype),
+        deltas=deltas[:n_layers],
+        inputs=tuple(_augment(layer, a) for layer, a in zip(plan.layers, sites[:n_layers], strict=True)),
+        lookup_deltas=deltas[n_layers:],
+        indices=sites[n_layers:],
     )
+
+
+def _affine_columns(
+    module: nn.Module, affine: Affine, deltas: Sequence[Tensor], x_hats: Sequence[Tensor]
+) -> dict[str, Tensor]:
+    """∂o/∂γ = Σ_s δ_s ⊙ x̂_s and ∂o/∂β = Σ_s δ_s (n, K, channels) of the selected γ, β, the sites s running over
+    the positions of every call: δ (n, K, 1, *out) and x̂ (n, 1, *out) per call, multiplied in the output's layout
+    and then summed by site (cheaper than reordering δ by site first)."""
+    columns = {}
+    if affine.weight:
+        products = zip(deltas, x_hats, strict=True)
+        columns[affine.weight] = sum(_by_site(module, d * x[:, None], 2).sum(2) for d, x in products)
+    if affine.bias:
+        columns[affine.bias] = sum(_by_site(module, d, 2).sum(2) for d in deltas)
+    return columns
 
 
 def _augment(layer: Layer, a: Tensor) -> Tensor:

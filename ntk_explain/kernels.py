@@ -11,7 +11,8 @@ For samples x (rows) and x' (columns), with g_k the tangent features of `gradien
 | ck       | ⟨φ(x), φ(x')⟩, φ the penultimate layer   | (n, m)       |
 
 Pseudo is the trace contraction of the K = 1 output Σ_c f_c/√C; ck is the trace contraction of
-φ as a K = 1 feature. A factorised layer contributes Σ_{s,t} ⟨δ_ks, δ'_k't⟩⟨ã_s, ã'_t⟩.
+φ as a K = 1 feature. A factorised layer contributes Σ_{s,t} ⟨δ_ks, δ'_k't⟩⟨ã_s, ã'_t⟩, a lookup (embedding,
+ã_s = e_{i_s}) Σ_{s,t} [i_s = i'_t] ⟨δ_ks, δ'_k't⟩; affine (normalisation) parameters are dense columns.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ntk_explain.projections import (
     count_sketch,
     hashes,
     kronecker_sketch,
+    lookup_sketch,
     split_dims,
     tensor_sketch,
 )
@@ -59,22 +61,44 @@ def feature_gram(a: Tensor, b: Tensor | None, how: str) -> Tensor:
     return torch.einsum(f"nkx,{right}{right_class}x->{out}", a, a if b is None else b)
 
 
-def factor_gram(delta_a: Tensor, in_a: Tensor, delta_b: Tensor | None, in_b: Tensor | None, how: str) -> Tensor:
-    """Σ_{s,t} ⟨δ_ks(x), δ_k't(x')⟩ ⟨ã_s(x), ã_t(x')⟩ for δ (n, K, S, O), ã (n, S, I); b None: self."""
+def _site_gram(delta_a: Tensor, delta_b: Tensor | None, sites: Tensor, how: str) -> Tensor:
+    """Σ_{s,t} ⟨δ_ks(x), δ_k't(x')⟩ A_st for δ (n, K, S, O), (m, K, T, O) and the sites' Gram A (n, m, S, T);
+    b None: self, A (n, S, S)."""
     pairwise = delta_b is not None
     right, right_class, out = _indices(how, pairwise)
     rows = "nm" if pairwise else "n"
     deltas = torch.einsum(f"nkso,{right}{right_class}to->{out}st", delta_a, delta_b if pairwise else delta_a)
-    inputs = torch.einsum(f"nsi,{right}ti->{rows}st", in_a, in_b if pairwise else in_a)
-    return torch.einsum(f"{out}st,{rows}st->{out}", deltas, inputs)
+    return torch.einsum(f"{out}st,{rows}st->{out}", deltas, sites)
+
+
+def factor_gram(delta_a: Tensor, in_a: Tensor, delta_b: Tensor | None, in_b: Tensor | None, how: str) -> Tensor:
+    """Σ_{s,t} ⟨δ_ks(x), δ_k't(x')⟩ ⟨ã_s(x), ã_t(x')⟩ for δ (n, K, S, O), ã (n, S, I); b None: self."""
+    if delta_b is None:
+        return _site_gram(delta_a, None, torch.einsum("nsi,nti->nst", in_a, in_a), how)
+    return _site_gram(delta_a, delta_b, torch.einsum("nsi,mti->nmst", in_a, in_b), how)
+
+
+def lookup_gram(delta_a: Tensor, rows_a: Tensor, delta_b: Tensor | None, rows_b: Tensor | None, how: str) -> Tensor:
+    """Σ_{s,t} [i_s(x) = i_t(x')] ⟨δ_ks(x), δ_k't(x')⟩ for δ (n, K, S, d) and rows i (n, S): the factor Gram of
+    ã_s = e_{i_s} without one-hot vectors; b None: self."""
+    if delta_b is None:
+        return _site_gram(delta_a, None, (rows_a[:, :, None] == rows_a[:, None, :]).to(delta_a.dtype), how)
+    same = rows_a[:, None, :, None] == rows_b[None, :, None, :]
+    return _site_gram(delta_a, delta_b, same.to(delta_a.dtype), how)
+
+
+def _structured(factors: Factors) -> list[tuple[Callable[..., Tensor], Tensor, Tensor]]:
+    """(Gram function, δ, site inputs) of every factorised layer, then of every lookup."""
+    layers = [(factor_gram, d, a) for d, a in zip(factors.deltas, factors.inputs, strict=True)]
+    return layers + [(lookup_gram, d, i) for d, i in zip(factors.lookup_deltas, factors.indices, strict=True)]
 
 
 def gram(a: Factors, b: Factors | None, how: str) -> Tensor:
     """Kernel block between the samples of `a` and `b` (b None: each sample with itself)."""
     total = feature_gram(a.dense, None if b is None else b.dense, how)
-    for index, (delta, inputs) in enumerate(zip(a.deltas, a.inputs, strict=True)):
-        other = (None, None) if b is None else (b.deltas[index], b.inputs[index])
-        total = total + factor_gram(delta, inputs, *other, how)
+    others = [(None, None)] * len(a.deltas + a.lookup_deltas) if b is None else [s[1:] for s in _structured(b)]
+    for (function, delta, sites), other in zip(_structured(a), others, strict=True):
+        total = total + function(delta, sites, *other, how)
     return total
 
 
@@ -82,8 +106,9 @@ def project(plan: TangentPlan, factors: Factors, projection: Projection, block_n
     """Projected features R g_k (n, K, d) of `factors`, R's columns in θ order (`plan.params`).
 
     Gradients are projected a block of columns at a time (a factorised layer forms Σ_s δ_s ã_sᵀ a
-    block of output rows at a time), so no more than about `block_numel` gradient entries and as many
-    entries of R exist at once.
+    block of output rows at a time; a lookup forms only the rows i_s its samples touch, a block of them
+    at a time, and projects each run of consecutive rows by R's columns of those rows), so no more than
+    about `block_numel` gradient entries and as many entries of R exist at once.
     """
     if projection.kind in SKETCHES:
         return sketch(plan, factors, projection)
@@ -109,45 +134,80 @@ def project(plan: TangentPlan, factors: Factors, projection: Projection, block_n
                 projection.add_projection(out, weight, offsets[layer.weight] + r0 * layer.in_features)
             if layer.bias:
                 projection.add_projection(out, grads[..., -1], offsets[layer.bias] + r0)
+    for lookup, delta, indices in zip(plan.lookups, factors.lookup_deltas, factors.indices, strict=True):
+        touched, position = torch.unique(indices, return_inverse=True)
+        rows = max(1, step // lookup.features)
+        for u0 in range(0, len(touched), rows):
+            block = touched[u0 : u0 + rows].tolist()
+            grads = _lookup_rows(delta, position - u0, len(block))
+            for j0, j1 in _runs(block):
+                start = offsets[lookup.weight] + block[j0] * lookup.features
+                projection.add_projection(out, grads[:, :, j0:j1].reshape(n, k, -1), start)
     return out
 
 
+def _lookup_rows(delta: Tensor, position: Tensor, count: int) -> Tensor:
+    """Rows G_j = Σ_{s: p_s = j} δ_s, j < count, of a lookup's gradient (n, K, count, d), from δ (n, K, S, d) and
+    each site's row position p (n, S); sites with p outside [0, count) are left out."""
+    n, k, _, d = delta.shape
+    keep = (position >= 0) & (position < count)
+    target = (torch.arange(n, device=delta.device)[:, None] * count + position)[keep]
+    rows = delta.new_zeros((n * count, k, d)).index_add_(0, target, delta.transpose(1, 2)[keep])
+    return rows.reshape(n, count, k, d).transpose(1, 2)
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """Spans [j0, j1) of consecutive integers in an increasing list."""
+    starts = [0, *(j for j in range(1, len(values)) if values[j] != values[j - 1] + 1)]
+    return list(zip(starts, [*starts[1:], len(values)], strict=True))
+
+
 def sketch_dims(plan: TangentPlan, dim: int, energies: list[float] | None = None) -> list[int]:
-    """The share of d of each sketched group (the dense parameters, if any, then every factorised layer): in
-    proportion to the groups' `energies` when given, else to their sizes.
+    """The share of d of each sketched group (the generic one, if any: the dense parameters and the lookups; then
+    every factorised layer): in proportion to the groups' `energies` when given, else to their sizes.
 
     A sketch of group l with d_l dimensions estimates ⟨g_l, g_l'⟩ with variance ~ ‖g_l‖²‖g_l'‖²/d_l, so
     Σ_l E_l²/d_l under Σ d_l = d is least for d_l ∝ E_l, the group's share of the self-kernel (`sketch_energies`).
     """
     if energies is None:
         dense = sum(plan.params[name].numel() for name in plan.dense)
+        generic = dense + sum(lookup.rows * lookup.features for lookup in plan.lookups)
         sizes = [
             layer.out_features * (layer.in_features * bool(layer.weight) + bool(layer.bias)) for layer in plan.layers
         ]
-        energies = ([dense] if dense else []) + sizes
+        energies = ([generic] if generic else []) + sizes
     return split_dims(dim, [max(e, 1e-30) for e in energies])
 
 
 def sketch_energies(factors: Factors) -> list[float]:
     """Σ_x ‖g_l(x)‖² over the samples of `factors` for every sketched group, in `sketch_dims` order."""
-    dense = [float(feature_gram(factors.dense, None, "trace").sum())] if factors.dense.shape[-1] else []
-    layers = [
-        float(factor_gram(d, a, None, None, "trace").sum()) for d, a in zip(factors.deltas, factors.inputs, strict=True)
-    ]
-    return dense + layers
+    energies = [float(function(d, a, None, None, "trace").sum()) for function, d, a in _structured(factors)]
+    layers, lookups = energies[: len(factors.deltas)], energies[len(factors.deltas) :]
+    generic = float(feature_gram(factors.dense, None, "trace").sum()) + sum(lookups)
+    return ([generic] if _generic(factors) else []) + layers
+
+
+def _generic(factors: Factors) -> bool:
+    """Whether the sketch has a generic group: dense columns (affine parameters among them) or lookups."""
+    return bool(factors.dense.shape[-1] or factors.lookup_deltas)
 
 
 def sketch(plan: TangentPlan, factors: Factors, projection: Projection) -> Tensor:
-    """Sketched features (n, K, d): a CountSketch of the dense gradients and a TensorSketch (or Kronecker
-    projection) of every factorised layer's Σ_s δ_s ã_sᵀ, each into its own share of d (`projection.shares`, or
-    `sketch_dims` by size), concatenated."""
+    """Sketched features (n, K, d): a CountSketch of the generic group (the dense gradients, affine parameters
+    included, plus every lookup's by `lookup_sketch`, each hashed independently into the same share) and a
+    TensorSketch (or Kronecker projection) of every factorised layer's Σ_s δ_s ã_sᵀ, each into its own share of d
+    (`projection.shares`, or `sketch_dims` by size), concatenated."""
     layer_sketch = tensor_sketch if projection.kind == "tensorsketch" else kronecker_sketch
     dims = list(projection.shares) if projection.shares else sketch_dims(plan, projection.dim)
     parts = []
-    if factors.dense.shape[-1]:
+    if _generic(factors):
         size = factors.dense.shape[-1]
         buckets, signs = hashes(projection.seed, 0, size, dims[0], factors.dense.device)
-        parts.append(count_sketch(factors.dense, buckets, signs, dims[0]))
+        generic = count_sketch(factors.dense, buckets, signs, dims[0])
+        lookups = zip(plan.lookups, factors.lookup_deltas, factors.indices, strict=True)
+        for stream, (lookup, delta, rows) in enumerate(lookups, start=len(plan.layers) + 1):
+            generic = generic + lookup_sketch(delta, rows, lookup.rows, dims[0], projection.seed, stream)
+        parts.append(generic)
     for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
         parts.append(layer_sketch(delta, inputs, dims[len(parts)], projection.seed, stream))
     return torch.cat(parts, dim=-1)
@@ -183,12 +243,18 @@ class Tiles:
         return factors
 
 
-def kernel_blocks(rows: Tiles, cols: Tiles | None, how: str) -> Iterator[tuple[slice, slice, Tensor]]:
-    """Blocks (row slice, column slice, block) of the rows × cols Gram.
+def kernel_blocks(
+    rows: Tiles, cols: Tiles | None, how: str, stripes: Callable[[int], bool] | None = None
+) -> Iterator[tuple[slice, slice, Tensor]]:
+    """Blocks (row slice, column slice, block) of the rows × cols Gram, stripe by stripe: the blocks of one row tile.
 
-    cols None: the symmetric rows × rows Gram, each off-diagonal block computed once and mirrored.
+    cols None: the symmetric rows × rows Gram, each off-diagonal block computed once and mirrored (the stripe of row
+    tile r is its blocks from the diagonal on and their mirrors). `stripes(i)` says whether the stripe of the i-th
+    row tile is wanted (default: all).
     """
-    for r0, r1 in rows.bounds:
+    for index, (r0, r1) in enumerate(rows.bounds):
+        if stripes is not None and not stripes(index):
+            continue
         a = rows.get(r0, r1)
         for c0, c1 in (cols or rows).bounds:
             if cols is None and c0 < r0:
@@ -199,7 +265,8 @@ def kernel_blocks(rows: Tiles, cols: Tiles | None, how: str) -> Iterator[tuple[s
                 yield slice(c0, c1), slice(r0, r1), mirror(block)
 
 
-def self_kernel(tiles: Tiles, how: str) -> Iterator[tuple[slice, Tensor]]:
-    """K(x, x) of every sample, tile by tile: (n,), (n, C) or (n, C, C)."""
-    for start, stop in tiles.bounds:
-        yield slice(start, stop), gram(tiles.get(start, stop), None, how)
+def self_kernel(tiles: Tiles, how: str, stripes: Callable[[int], bool] | None = None) -> Iterator[tuple[slice, Tensor]]:
+    """K(x, x) of the samples of every (wanted: `stripes(i)`) tile: (n,), (n, C) or (n, C, C)."""
+    for index, (start, stop) in enumerate(tiles.bounds):
+        if stripes is None or stripes(index):
+            yield slice(start, stop), gram(tiles.get(start, stop), None, how)

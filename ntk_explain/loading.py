@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import itertools
@@ -9,6 +10,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import sys
 import types
 import warnings
@@ -17,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import h5py
 import numpy as np
@@ -26,12 +29,16 @@ from safetensors import safe_open
 from torch import nn
 
 from ntk_explain import zoo
-from ntk_explain.errors import BadInputError, UsageError
+from ntk_explain.errors import BadInputError, NtkExplainError, UsageError
 
 DATA_FORMATS = (".npz", ".safetensors", ".h5", ".hdf5")
 WEIGHT_FORMATS = (".safetensors", ".pt", ".pth")
 _MAX_NAMES = 5
+_MAX_LABEL = 2**31 - 1
 _FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # what breaks a line or a terminal
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 class _Invalid(Exception):
@@ -75,6 +82,21 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _one_line(function: Callable[_P, _T]) -> Callable[_P, _T]:
+    """Keep an expected failure's message on one line whatever the names in it (a path with a newline, ...): control
+    and line-separator characters are shown escaped."""
+
+    @functools.wraps(function)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return function(*args, **kwargs)
+        except NtkExplainError as exc:
+            exc.args = (_CONTROL.sub(lambda m: repr(m.group())[1:-1], str(exc)),)
+            raise
+
+    return checked
+
+
 def _names(names: list[str]) -> str:
     shown = ", ".join(names[:_MAX_NAMES])
     return shown + (f", … ({len(names) - _MAX_NAMES} more)" if len(names) > _MAX_NAMES else "")
@@ -82,10 +104,13 @@ def _names(names: list[str]) -> str:
 
 def _existing_file(path: str, formats: tuple[str, ...]) -> Path:
     p = Path(path)
-    if not p.exists():
-        raise _Invalid("file not found")
-    if not p.is_file():
-        raise _Invalid("not a file")
+    try:
+        if not p.exists():
+            raise _Invalid("file not found")
+        if not p.is_file():
+            raise _Invalid("not a file")
+    except (OSError, ValueError) as exc:  # a name too long, with a NUL byte, in an unreadable directory
+        raise _Invalid(f"cannot access file ({_first_line(exc)})") from exc
     if p.suffix.lower() not in formats:
         raise _Invalid(f"unknown format {p.suffix!r} (expected one of {', '.join(formats)})")
     return p
@@ -181,11 +206,13 @@ def _labels(y: np.ndarray, y_key: str) -> torch.Tensor:
             raise _Invalid(f"labels {y_key!r} must be integer class indices, got non-integer values")
     elif y.dtype.kind not in "biu":
         raise _Invalid(f"labels {y_key!r} must be integer class indices, got dtype {y.dtype}")
-    labels = y.astype(np.int64)
-    negative = np.flatnonzero(labels < 0)
+    exact = y.astype(np.float64) if y.dtype.kind == "f" else y  # float16 cannot hold _MAX_LABEL
+    negative, huge = np.flatnonzero(exact < 0), np.flatnonzero(exact > _MAX_LABEL)  # before a cast could wrap them
     if negative.size:
-        raise _Invalid(f"labels {y_key!r} must be ≥ 0, found {labels[negative[0]]} at row {negative[0]}")
-    return torch.from_numpy(labels)
+        raise _Invalid(f"labels {y_key!r} must be ≥ 0, found {y[negative[0]]} at row {negative[0]}")
+    if huge.size:
+        raise _Invalid(f"labels {y_key!r} must be class indices ≤ {_MAX_LABEL}, found {y[huge[0]]} at row {huge[0]}")
+    return torch.from_numpy(y.astype(np.int64))
 
 
 def _features(x: np.ndarray, x_key: str, dtype: torch.dtype) -> torch.Tensor:
@@ -196,6 +223,7 @@ def _features(x: np.ndarray, x_key: str, dtype: torch.dtype) -> torch.Tensor:
     return features
 
 
+@_one_line
 def load_dataset(
     spec: str,
     split: str,
@@ -240,7 +268,9 @@ def _cwd_importable() -> Iterator[None]:
 
 def _build(spec: str, factory: Callable[..., object], kwargs: dict) -> nn.Module:
     try:
-        module = factory(**kwargs)
+        with warnings.catch_warnings():  # e.g. torch's on zero-element layers: a failure is reported on one line
+            warnings.simplefilter("ignore")
+            module = factory(**kwargs)
     except Exception as exc:  # the factory is user code: its failure is a bad model input
         raise BadInputError(
             f"model {spec}: building with kwargs {json.dumps(kwargs)} failed: {_first_line(exc)}"
@@ -364,6 +394,15 @@ def _fill_tied(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tens
                 state.setdefault(name, state[stored])
 
 
+def _dtype_kind(t: torch.Tensor) -> str:
+    """What a tensor must stay to load into a parameter or buffer: complex, float, bool or integer."""
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "float"
+    return "bool" if t.dtype == torch.bool else "integer"
+
+
 def _load_weights(module: nn.Module, path: str) -> None:
     try:
         state = _read_state_dict(path)
@@ -379,6 +418,11 @@ def _load_weights(module: nn.Module, path: str) -> None:
             for k, v in expected.items()
             if k in state and state[k].shape != v.shape
         ],
+        "dtype mismatches": [  # a float stored as integers or booleans, a complex as floats, ...: the wrong file
+            f"{k} {state[k].dtype} vs {v.dtype} expected"
+            for k, v in expected.items()
+            if k in state and _dtype_kind(state[k]) != _dtype_kind(v)
+        ],
     }
     if any(problems.values()):
         text = "; ".join(f"{kind}: {_names(names)}" for kind, names in problems.items() if names)
@@ -386,6 +430,7 @@ def _load_weights(module: nn.Module, path: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
+@_one_line
 def load_model(spec: str, kwargs: dict | None = None, weights: str | None = None) -> LoadedModel:
     """Build `zoo:NAME`, `pkg.module:factory(**kwargs)` or load a `.pt2` export; load weights; eval() mode."""
     kwargs = dict(kwargs or {})
@@ -400,6 +445,10 @@ def load_model(spec: str, kwargs: dict | None = None, weights: str | None = None
         raise BadInputError(f"model {spec}: expected zoo:NAME, pkg.module:factory or a .pt2 file")
     if weights is not None:
         _load_weights(module, weights)
+    nonfinite = _nonfinite(module)
+    if nonfinite:
+        source = f"weights {weights}" if weights is not None else f"model {spec}"
+        raise BadInputError(f"{source}: NaN or infinite values in {_names(nonfinite)}")
     if exported:
         model_sha256 = sha256_file(spec)
     else:
@@ -413,8 +462,18 @@ def load_model(spec: str, kwargs: dict | None = None, weights: str | None = None
     )
 
 
+def _nonfinite(module: nn.Module) -> list[str]:
+    """Names of the floating parameters and buffers holding NaN or infinite values."""
+    return [k for k, t in module.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+@_one_line
 def check_model_on_data(model: nn.Module, data: Dataset) -> int:
-    """Dry-run the model in eval() mode on one point; return its number of classes C."""
+    """Check the model's values are finite in the compute dtype (too large ones overflow it) and dry-run it in eval()
+    mode on one point; return its number of classes C."""
+    nonfinite = _nonfinite(model)
+    if nonfinite:
+        raise BadInputError(f"model values {_names(nonfinite)} are NaN or infinite in {data.x.dtype}")
     state = next(itertools.chain(model.parameters(), model.buffers()), None)
     x = data.x[:1] if state is None else data.x[:1].to(state.device)
     model.eval()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ntk_explain import store
+from ntk_explain import distributed, store
 from ntk_explain.attribution import all_class_scores, attribution_scores, extremes
 from ntk_explain.distillation import (
     DISTILL_METRICS,
@@ -38,6 +38,7 @@ from ntk_explain.distillation import (
     select,
     unit_rows,
 )
+from ntk_explain.distributed import Shard
 from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
 from ntk_explain.gradients import Factors, penultimate, plan_tangents, tangent_factors
 from ntk_explain.kernels import (
@@ -60,6 +61,7 @@ FEATURE_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_DIMS = {"pseudo": 4096, "trace": 10240, "diagonal": 10240, "full": 10240}
 SKETCH_PROBE = 64  # the first training rows whose gradient energies share out a sketch's dimensions
 MAX_TILE = 4096  # default cap on rows per tile, so that progress is reported often enough
+TILE_ALIGN = 64
 _CLASS_DIMS = {"trace": (), "diagonal": ("class",), "full": ("class", "class")}
 
 
@@ -120,6 +122,7 @@ class Budget:
     device: torch.device
     bytes: int
     batch_size: int | None = None
+    shard: Shard = field(default_factory=Shard)  # which row tiles this process computes
 
 
 def network_logits(model: nn.Module, x: Tensor, budget: Budget) -> Tensor:
@@ -130,19 +133,33 @@ def network_logits(model: nn.Module, x: Tensor, budget: Budget) -> Tensor:
 
 
 def write_data(run: h5py.File, split: str, data: Dataset, logits: Tensor) -> None:
-    """/data/<split>/: labels, index into the source file, network logits."""
-    group = run.require_group(f"data/{split}")
+    """/data/<split>/: labels, index into the source file, network logits (kept when an interrupted run of the same
+    data wrote them all: its `sha256` attribute is written last)."""
+    name = f"data/{split}"
+    if name in run and "sha256" in run[name].attrs:
+        return
+    if name in run:
+        del run[name]
+    group = run.create_group(name)
     store.write_array(group, "labels", data.y.numpy(), (split,))
     store.write_array(group, "index", data.index, (split,))
     store.write_array(group, "nn_logits", logits.numpy(), (split, "class"))
+    run.flush()
     store.set_attrs(group, {"source": data.source, "sha256": data.sha256})
 
 
 def _tile_size(n: int, per_sample: int, per_pair: int, budget: Budget) -> int:
-    """Rows per tile: featurising a tile takes ≤ 1/2 the budget, a Gram block ≤ 1/4; `MAX_TILE` by default."""
+    """Rows per tile: featurising a tile takes ≤ 1/2 the budget, a Gram block ≤ 1/4; `MAX_TILE` by default. A tile
+    from the budget is rounded down to a multiple of `TILE_ALIGN` (chunks of the run file divide it)."""
     by_features = budget.bytes // (2 * max(1, per_sample))
     by_blocks = math.isqrt(budget.bytes // (4 * max(1, per_pair)))
-    return max(1, min(n, budget.batch_size or MAX_TILE, by_features, by_blocks))
+    tile = max(1, min(n, budget.batch_size or MAX_TILE, by_features, by_blocks))
+    return tile - tile % TILE_ALIGN if TILE_ALIGN < tile < n and budget.batch_size is None else tile
+
+
+def _tiling(tile: int, *sizes: int) -> int | None:
+    """The tile of a dataset written in tiles along axes of these sizes, or None when one tile holds them all."""
+    return tile if tile < max(sizes) else None
 
 
 @dataclass(frozen=True)
@@ -177,7 +194,8 @@ def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget
     entries = {"trace": 1, "diagonal": k, "full": k * k}[contraction(spec.kernel)]  # per (row, column) pair
     dense = sum(plan.params[n].numel() for n in plan.dense)
     kept = k * dense + sum(layer.sites * (k * layer.out_features + layer.in_features + 1) for layer in plan.layers)
-    sites = max((layer.sites for layer in plan.layers), default=1)
+    kept += sum(lookup.sites * (k * lookup.features + 1) for lookup in plan.lookups)
+    sites = max((s.sites for s in (*plan.layers, *plan.lookups)), default=1)
     work = 2 * (k + 1) * plan.activation_numel + 2 * kept
     attrs = {"n_params": plan.n_params, "outputs": k, "factorised": [layer.module for layer in plan.layers] or [""]}
     if not spec.projected:
@@ -218,23 +236,46 @@ def _write_kernel(
     classes: int,
     dtype: np.dtype,
     progress: Progress,
+    shard: Shard,
 ) -> None:
-    """diag_train, train_train, then diag_test, test_train: written block by block."""
+    """diag_train, train_train, then diag_test, test_train: written a row tile (a stripe of blocks) at a time, each
+    checkpointed; only the `shard`'s row tiles, and none that an interrupted run checkpointed."""
     extra = _CLASS_DIMS[how]
     shape = (classes,) * len(extra)
     sets = [("train", train, None)] + ([("test", test, train)] if test is not None else [])
     for split, rows, cols in sets:
         ncols = (cols or rows).n
-        diag = store.create_rows(group, f"diag_{split}", (rows.n, *shape), dtype, (split, *extra))
-        gram = store.create_rows(group, f"{split}_train", (rows.n, ncols, *shape), dtype, (split, "train", *extra))
+        tiling = _tiling(rows.tile, rows.n, ncols)
+        diag = _rows_dataset(group, f"diag_{split}", (rows.n, *shape), dtype, (split, *extra), tiling, 1)
+        gram = _rows_dataset(
+            group, f"{split}_train", (rows.n, ncols, *shape), dtype, (split, "train", *extra), tiling, 2
+        )
         blocks = len(rows.bounds) * len((cols or rows).bounds)
         progress.start(f"{group.name} {split}×train", blocks + len(rows.bounds))
-        for where, values in self_kernel(rows, how):
+        done = store.tiles_done(diag)
+        for where, values in self_kernel(rows, how, lambda i, done=done: i >= done and shard.owns(i)):
             diag[where] = values.cpu().numpy()
+            store.checkpoint(diag, where.start // rows.tile + 1)
             progress.advance()
-        for r, c, block in kernel_blocks(rows, cols, how):
+        done, stripe = store.tiles_done(gram), None  # stripe: the row tile whose blocks are being written
+        for r, c, block in kernel_blocks(rows, cols, how, lambda i, done=done: i >= done and shard.owns(i)):
+            mirrored = cols is None and c.start < r.start
+            if stripe is not None and stripe != (c if mirrored else r):
+                store.checkpoint(gram, stripe.start // rows.tile + 1)
+            stripe = c if mirrored else r
             gram[r, c] = block.cpu().numpy()
-            progress.advance(1 if cols is not None or r.start <= c.start else 0)
+            progress.advance(0 if mirrored else 1)
+        if stripe is not None:
+            store.checkpoint(gram, stripe.start // rows.tile + 1)
+
+
+def _rows_dataset(
+    group: h5py.Group, name: str, shape: tuple, dtype: np.dtype, dims: tuple, tile: int | None, tiled_axes: int
+) -> h5py.Dataset:
+    """The dataset `name` of `group` as an interrupted run left it, or a new empty one with tile-aligned chunks."""
+    if name in group:
+        return group[name]
+    return store.create_rows(group, name, shape, dtype, dims, tile, tiled_axes)
 
 
 def _np(dtype: torch.dtype) -> np.dtype:
@@ -266,17 +307,33 @@ def _store_features(
     sets: list[Tensor],
     dim: int,
     tile: int,
-    device: torch.device,
+    budget: Budget,
     progress: Progress,
     dtype: torch.dtype,
 ) -> list[h5py.Dataset]:
-    """Projected features R g_k of every set, tile by tile, into features/<split> (n, K, d) stored as `dtype`."""
-    datasets = []
+    """Projected features R g_k of every set, tile by tile, into features/<split> (n, K, d) stored as `dtype`, each
+    tile checkpointed. Each tile is computed by the rank that owns it and broadcast to all: every shard holds all
+    features. Tiles that an interrupted run checkpointed (on every rank) are not computed again."""
+    datasets, shard = [], budget.shard
     for split, x in zip(("train", "test"), sets, strict=False):
-        shape = (len(x), features.classes, dim)
-        dataset = store.features_dataset(group, f"features/{split}", shape, dtype, (split, "output", "proj"))
-        for rows, values in _feature_tiles(features, x, tile, device, progress, f"{group.name} features {split}"):
-            dataset[rows] = store.encode_features(values, dataset)
+        name, shape = f"features/{split}", (len(x), features.classes, dim)
+        if name not in group:
+            store.features_dataset(group, name, shape, dtype, (split, "output", "proj"), _tiling(tile, len(x)))
+        dataset = group[name]
+        done = distributed.smallest(store.tiles_done(dataset), shard, budget.device)
+        progress.start(f"{group.name} features {split}", len(x))
+        for index, start in enumerate(range(0, len(x), tile)):
+            rows = slice(start, min(len(x), start + tile))
+            if index >= done:
+                with torch.no_grad():
+                    values = (
+                        features.featurize(x[rows].to(budget.device)).dense
+                        if shard.owns(index)
+                        else torch.empty((rows.stop - start, *shape[1:]), dtype=x.dtype, device=budget.device)
+                    )
+                dataset[rows] = store.encode_features(distributed.broadcast(values, shard.owner(index), shard), dataset)
+                store.checkpoint(dataset, index + 1)
+            progress.advance(rows.stop - start)
         datasets.append(dataset)
     return datasets
 
@@ -288,14 +345,15 @@ def _feature_kernel(
     classes: int,
     tile: int,
     keep: bool,
-    device: torch.device,
+    budget: Budget,
     progress: Progress,
     dtype: torch.dtype,
 ) -> None:
     """The kernel blocks and diagonals of stored features features/{train,test} (n, K, d), computed and stored in
     the compute `dtype` whatever the features' storage type."""
-    tiles = [Tiles(_stored(ds, device, dtype), ds.shape[0], tile, keep) for ds in datasets]
-    _write_kernel(group, how, tiles[0], tiles[1] if len(tiles) > 1 else None, classes, _np(dtype), progress)
+    tiles = [Tiles(_stored(ds, budget.device, dtype), ds.shape[0], tile, keep) for ds in datasets]
+    test = tiles[1] if len(tiles) > 1 else None
+    _write_kernel(group, how, tiles[0], test, classes, _np(dtype), progress, budget.shard)
 
 
 def _kernel_attrs(spec: KernelSpec, features: Featurizer, tile: int) -> dict:
@@ -323,11 +381,17 @@ def compute_kernel(
 ) -> dict:
     """Write /kernel/<spec.name>/ for the train (and test) inputs; returns its attrs.
 
-    Without a batch size (`budget.batch_size` None: auto) the tile comes from the memory budget, and running out of
-    memory (CPU or CUDA) starts the kernel again with half the tile, down to one row; `oom_retries` counts the
-    restarts. With an explicit batch size the error propagates.
+    A group that an interrupted run left in `run` is continued in its own tiles from its checkpoints (a complete one
+    is kept as it is), so the numbers are those of an uninterrupted run. Without a batch size (`budget.batch_size`
+    None: auto) the tile comes from the memory budget, and running out of memory (CPU or CUDA) starts the kernel
+    again with half the tile, down to one row; `oom_retries` counts the restarts. With an explicit batch size, or
+    several ranks (`budget.shard`), the error propagates.
     """
-    auto, retries = budget.batch_size is None, 0
+    done = run.get(f"kernel/{spec.name}")
+    complete = done is not None and bool(done.attrs.get("complete"))
+    if distributed.smallest(int(complete), budget.shard, budget.device):  # complete on every rank
+        return store.attrs_dict(done)
+    auto, retries = budget.batch_size is None and budget.shard.world == 1, 0
     while True:
         try:
             attrs = _compute_kernel(run, model, spec, train, test, budget, progress or Silent())
@@ -354,24 +418,27 @@ def _compute_kernel(
     budget: Budget,
     progress: Progress,
 ) -> dict:
-    group = run.create_group(f"kernel/{spec.name}")
+    group = run.require_group(f"kernel/{spec.name}")
     sets = [train] + ([test] if test is not None else [])
     features = featurizer(model, spec, train[:SKETCH_PROBE].to(budget.device), budget)
-    tile = _tile_size(len(train), features.work_bytes, features.pair_bytes, budget)
-    store.set_attrs(group, {"tile": tile, "complete": False})
+    if "tile" not in group.attrs:  # the ranks agree on one tile
+        tile = _tile_size(len(train), features.work_bytes, features.pair_bytes, budget)
+        tile = distributed.smallest(tile, budget.shard, budget.device)
+        store.set_attrs(group, {"tile": tile, "complete": False})
+        run.flush()
+    tile = int(group.attrs["tile"])
     keep = sum(len(x) for x in sets) * features.kept_bytes <= budget.bytes // 4
     how = contraction(spec.kernel)
     if spec.projected:
         stored = getattr(torch, spec.feature_dtype) if spec.feature_dtype else train.dtype
-        datasets = _store_features(group, features, sets, spec.proj_dim, tile, budget.device, progress, stored)
-        _feature_kernel(group, how, datasets, features.classes, tile, keep, budget.device, progress, train.dtype)
+        datasets = _store_features(group, features, sets, spec.proj_dim, tile, budget, progress, stored)
+        _feature_kernel(group, how, datasets, features.classes, tile, keep, budget, progress, train.dtype)
     else:
         tiles = [
             Tiles(lambda s, e, x=x: features.featurize(x[s:e].to(budget.device)), len(x), tile, keep) for x in sets
         ]
-        _write_kernel(
-            group, how, tiles[0], tiles[1] if len(tiles) > 1 else None, features.classes, _np(train.dtype), progress
-        )
+        test_tiles = tiles[1] if len(tiles) > 1 else None
+        _write_kernel(group, how, tiles[0], test_tiles, features.classes, _np(train.dtype), progress, budget.shard)
     attrs = _kernel_attrs(spec, features, tile)
     store.set_attrs(group, attrs)
     return attrs
@@ -581,7 +648,7 @@ def distill_support(
         store.write_array(kernel, f"features/{split}", values.reshape(-1, *shape).cpu().numpy(), (split, *dims))
         for split, values in sets
     ]
-    _feature_kernel(kernel, "trace", datasets, 1, tile, True, device, progress, x.dtype)
+    _feature_kernel(kernel, "trace", datasets, 1, tile, True, budget, progress, x.dtype)
     store.write_array(kernel, "full_train", (phi @ support.features.T).cpu().numpy(), ("full", "train"))
     store.write_array(kernel, "diag_full", phi.square().sum(1).cpu().numpy(), ("full",))
     store.set_attrs(kernel, {**_kernel_attrs(spec, features, tile), "support": "distill"})

@@ -15,6 +15,11 @@ unbiased too, cheaper than the FFT, and noisier at the same d.
 `tensorsketch` (Pham & Pagh 2013) sketches a factorised layer's gradient G = Σ_s δ_s ã_sᵀ without forming it:
 TS(G) = IFFT(Σ_s FFT(CS₁ δ_s) ⊙ FFT(CS₂ ã_s)), two independent CountSketches CS₁, CS₂ of the output and input
 sides, O(S(d_out + d_in + d log d)) per sample; E⟨TS G, TS G'⟩ = ⟨G, G'⟩. Each layer gets its own share of d.
+
+Both sketch only factorised layers (`nn.Linear`, `nn.Conv2d`). The remaining parameters form one generic group with
+its own share: a CountSketch of the dense gradients (normalisation γ, β among them) plus, for every embedding, a
+CountSketch of its gradient Σ_s δ_s e_{i_s}ᵀ through the coordinates of the rows i_s it touches (`lookup_sketch`),
+hashed independently.
 """
 
 from __future__ import annotations
@@ -140,3 +145,15 @@ def kronecker_sketch(delta: Tensor, inputs: Tensor, dim: int, seed: int, stream:
     in_side = torch.randn(inputs.shape[-1], b, generator=g, device=delta.device).to(delta.dtype) / math.sqrt(b)
     product = torch.einsum("nksa,nsb->nkab", delta @ out_side, inputs @ in_side).flatten(2)
     return torch.nn.functional.pad(product, (0, dim - a * b))
+
+
+def lookup_sketch(delta: Tensor, rows: Tensor, vocabulary: int, dim: int, seed: int, stream: int) -> Tensor:
+    """CS(G) (n, K, dim) of an embedding's gradient G = Σ_s δ_s e_{i_s}ᵀ (vocabulary × d, flattened row-major) for
+    δ (n, K, S, d) and rows i (n, S): entry (i_s, j) is coordinate i_s·d + j, so CS(G)_b = Σ_{s,j: h(i_s·d + j) = b}
+    s(i_s·d + j) δ_sj, O(S·d) per sample without forming G. Hashes from (seed, 2·stream), as `tensor_sketch`'s
+    output side of layer `stream` would take."""
+    n, k, _, d = delta.shape
+    buckets, signs = hashes(seed, 2 * stream, vocabulary * d, dim, delta.device)
+    coords = (rows[..., None] * d + torch.arange(d, device=delta.device)).flatten(1)  # (n, S·d)
+    values = delta.flatten(2) * signs[coords][:, None].to(delta.dtype)
+    return delta.new_zeros((n, k, dim)).scatter_add_(2, buckets[coords][:, None].expand(n, k, -1), values)

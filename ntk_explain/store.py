@@ -111,7 +111,8 @@ def _py(value: Any) -> Any:
     return value
 
 
-def _attrs_dict(obj: h5py.Group | h5py.Dataset) -> dict[str, Any]:
+def attrs_dict(obj: h5py.Group | h5py.Dataset) -> dict[str, Any]:
+    """The attributes of `obj` as Python values."""
     return {key: _py(obj.attrs[key]) for key in obj.attrs}
 
 
@@ -119,11 +120,22 @@ def _attrs_dict(obj: h5py.Group | h5py.Dataset) -> dict[str, Any]:
 # Opening, creating and updating run files
 
 
+# h5py's errors on damaged metadata: reading an object, an attribute or a dataset's description
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
+def _reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _validate(f: h5py.File, path: Path) -> None:
-    fmt = _py(f.attrs.get("format", ""))
+    try:
+        fmt, version = _py(f.attrs.get("format", "")), _py(f.attrs.get("format_version", 0))
+    except _H5_ERRORS as exc:
+        raise BadInputError(f"{path}: damaged run file: cannot read its attributes ({_reason(exc)})") from exc
     if fmt != FORMAT:
         raise BadInputError(f"{path}: not an ntk-explain run file (no format={FORMAT!r} attribute)")
-    version = _py(f.attrs.get("format_version", 0))
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise BadInputError(
             f"{path}: run file format version {version} is newer than this ntk-explain supports "
@@ -133,10 +145,14 @@ def _validate(f: h5py.File, path: Path) -> None:
 
 def _open_hdf5(path: Path, mode: str) -> h5py.File:
     """Open ``path`` as HDF5, turning every failure into a one-line BadInputError."""
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file")
-    if not path.is_file():
-        raise BadInputError(f"{path}: not a file")
+    try:
+        if not path.exists():
+            raise BadInputError(f"{path}: no such file")
+        if not path.is_file():
+            raise BadInputError(f"{path}: not a file")
+    except (OSError, ValueError) as exc:  # a name too long, with a NUL byte, in an unreadable directory
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _reason(exc)
+        raise BadInputError(f"{path}: cannot access the run file ({reason})") from exc
     try:
         return h5py.File(path, mode, rdcc_nbytes=CACHE_BYTES)
     except OSError as exc:
@@ -145,19 +161,128 @@ def _open_hdf5(path: Path, mode: str) -> h5py.File:
 
 
 def open_run(path: str | os.PathLike) -> h5py.File:
-    """Open a run file read-only after checking it is an ntk-explain run file; the caller closes it."""
+    """Open a run file read-only after checking it is an ntk-explain run file with the layout its readers rely on
+    (`_check_layout`); the caller closes it."""
     path = Path(path)
     f = _open_hdf5(path, "r")
     try:
         _validate(f, path)
+        _check_layout(f, path)
     except BaseException:
         f.close()
         raise
     return f
 
 
-def _partial_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+class _Damaged(Exception):
+    """A run file whose layout breaks SPEC §6; reported by `_check_layout` with the file's name."""
+
+
+# The datasets that readers rely on: dtype kinds and axes. A dataset present must have these axes, and an axis the
+# same size wherever it appears; "…" stands for a kernel's class axes (none, (C,) or (C, C)). In a kernel group
+# {train} is the training set, or for the distilled kernel (attribute support="distill") its support. Kernel groups
+# without a "kernel" attribute are not checked: readers refuse them.
+_DATA_AXES = {"labels": ("iu", "{split}"), "index": ("iu", "{split}"), "nn_logits": ("f", "{split}", "classes")}
+_KERNEL_AXES = {
+    "diag_train": ("f", "{train}", "{g} …"),
+    "train_train": ("f", "{train}", "{train}", "{g} …"),
+    "test_train": ("f", "test", "{train}", "{g} …"),
+    "diag_test": ("f", "test", "{g} …"),
+    "features/train": ("fu", "{train}", "{g} outputs", "{g} proj"),
+    "features/test": ("fu", "test", "{g} outputs", "{g} proj"),
+    "full_train": ("f", "train", "{train}"),
+    "diag_full": ("f", "train"),
+}
+_DISTILL_AXES = {"classes": ("iu", "{train}"), "labels": ("f", "{train}", "classes")}
+
+
+def _read_metadata(name: str, obj: h5py.Group | h5py.Dataset) -> None:
+    """Read an object's attributes and description (damaged metadata raises); check a dataset's dims names its axes."""
+    attrs = dict(obj.attrs)
+    if isinstance(obj, h5py.Dataset) and obj.dtype is not None and "dims" in attrs:
+        names = _py(attrs["dims"])
+        if not isinstance(names, list) or len(names) != obj.ndim or not all(isinstance(n, str) for n in names):
+            raise _Damaged(f"{obj.name}: attribute dims {names!r} does not name its {obj.ndim} axes")
+
+
+def _bind(sizes: dict[str, object], group: h5py.Group, specs: dict[str, tuple[str, ...]], **names: str) -> None:
+    """Check the datasets of `group` named in `specs` that are present against the sizes of their axes seen so far
+    (`sizes`, updated); axis names are formatted with `names`."""
+    for name, (kinds, *template) in specs.items():
+        ds = group.get(name)
+        if ds is None:
+            continue
+        axes = [axis.format(**names) for axis in template]
+        rank = len(axes) - axes[-1].endswith("…")  # the axes before the class axes, which may be several
+        is_dataset = isinstance(ds, h5py.Dataset)
+        if not is_dataset or ds.dtype.kind not in kinds or (ds.ndim < rank if rank < len(axes) else ds.ndim != rank):
+            got = f"shape {ds.shape} of {ds.dtype}" if is_dataset else "a group"
+            raise _Damaged(f"{ds.name} is {got}, expected axes ({', '.join(axes)}) of dtype kind {kinds!r}")
+        pairs = [*zip(axes[:rank], ds.shape[:rank], strict=True)]
+        if rank < len(axes):
+            pairs.append((axes[-1], ds.shape[rank:]))
+        for axis, size in pairs:
+            if sizes.setdefault(axis, size) != size:
+                raise _Damaged(f"{ds.name}: axis {axis} of size {size}, elsewhere {sizes[axis]}")
+
+
+def _check_classes(ds: h5py.Dataset | None, classes: object) -> None:
+    values = ds[()] if isinstance(ds, h5py.Dataset) else np.zeros(0)
+    if values.size and (values.min() < 0 or (isinstance(classes, int) and values.max() >= classes)):
+        raise _Damaged(f"{ds.name} holds classes outside [0, {classes})")
+
+
+def _check_layout(f: h5py.File, path: Path) -> None:
+    """Refuse a damaged run file before a reader trips over it: every object's metadata readable, and the datasets of
+    /data, /kernel/* and /distill that are present with the axes of SPEC §6, of the same sizes wherever they appear.
+    Reads metadata and the labels, not the kernels."""
+    try:
+        _read_metadata("/", f)
+        f.visititems(_read_metadata)
+        groups = {f"data/{split}": (_DATA_AXES, {"split": split}) for split in ("train", "test")}
+        for name in f["kernel"] if isinstance(f.get("kernel"), h5py.Group) else ():
+            if "kernel" not in f[f"kernel/{name}"].attrs:  # not (yet) a kernel that readers would read
+                continue
+            distilled = _py(f[f"kernel/{name}"].attrs.get("support", "")) == "distill"
+            train = f"/kernel/{name} support" if distilled else "train"
+            groups[f"kernel/{name}"] = (_KERNEL_AXES, {"g": f"/kernel/{name}", "train": train})
+        groups["distill"] = (_DISTILL_AXES, {"train": "/kernel/distilled support"})
+        sizes: dict[str, object] = {}
+        for name, (specs, names) in groups.items():
+            group = f.get(name)
+            if group is not None and not isinstance(group, h5py.Group):
+                raise _Damaged(f"/{name} is not a group")
+            if group is not None:
+                _bind(sizes, group, specs, **names)
+        for name in ("data/train/labels", "data/test/labels", "distill/classes"):
+            _check_classes(f.get(name), sizes.get("classes"))
+    except _Damaged as exc:
+        raise BadInputError(f"{path}: damaged run file: {exc}") from None
+    except _H5_ERRORS as exc:
+        raise BadInputError(f"{path}: damaged run file: {_reason(exc)}") from exc
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where the run file `path` is written until it is complete: `.<name>.partial` beside it (one writer at a time,
+    `_writer_lock`). An interrupted `compute` leaves it there for `--resume`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+# Root attributes that must match for a partial run to be resumed: what the numbers depend on.
+RESUME_KEYS = ("params", "model_sha256", "weights_sha256", "data_sha256", "seed", "device", "torch_version")
+
+
+def partial_params(path: str | os.PathLike) -> dict | None:
+    """The recorded options of the partial run of `path`, or None when there is none (or it is unreadable)."""
+    tmp = partial_path(path)
+    if not tmp.is_file():
+        return None
+    try:
+        with h5py.File(tmp, "r") as f:
+            return json.loads(_py(f.attrs["params"]))
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _discard(tmp: Path, f: h5py.File | None) -> None:
@@ -165,6 +290,14 @@ def _discard(tmp: Path, f: h5py.File | None) -> None:
         with contextlib.suppress(Exception):  # the original error matters more than a failing close
             f.close()
     tmp.unlink(missing_ok=True)
+
+
+def _keep(f: h5py.File | None) -> None:
+    """Close an interrupted partial run file, keeping what it holds for `--resume`."""
+    if f is not None:
+        with contextlib.suppress(Exception):
+            f.flush()
+            f.close()
 
 
 def _commit(tmp: Path, f: h5py.File, path: Path) -> None:
@@ -208,29 +341,59 @@ def _writer_lock(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def create_run(path: str | os.PathLike, *, overwrite: bool, attrs: Mapping[str, Any]) -> Iterator[h5py.File]:
-    """Write a new run file atomically: yields a file open for writing under a temporary name.
+def create_run(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool,
+    attrs: Mapping[str, Any],
+    resumable: bool = False,
+    resume: bool = False,
+) -> Iterator[h5py.File]:
+    """Write a new run file atomically: yields a file open for writing under `partial_path(path)`, root attribute
+    complete=False until it is done.
 
-    On success it is renamed onto ``path``; on any exception (KeyboardInterrupt included) the temporary
-    file is deleted, an existing ``path`` is left untouched and the exception propagates. Another process
-    writing the same path at the time is refused (`_writer_lock`).
+    On success it gets complete=True and is renamed onto ``path``. On an exception the partial file is deleted,
+    except that a ``resumable`` one is kept on an interrupt (KeyboardInterrupt: Ctrl-C, SIGTERM) for a later
+    ``resume``; either way an existing ``path`` is left untouched and the exception propagates. With ``resume`` an
+    existing partial file is reopened instead of replaced, provided its `RESUME_KEYS` attributes equal ``attrs``'
+    (else BadInputError). Another process writing the same path at the time is refused (`_writer_lock`).
     """
     path = Path(path)
     check_target(path, overwrite=overwrite)
     with _writer_lock(path):
-        yield from _create(path, attrs)
+        yield from _create(path, attrs, resumable, resume)
 
 
-def _create(path: Path, attrs: Mapping[str, Any]) -> Iterator[h5py.File]:
-    tmp = _partial_path(path)
-    f = None
+def _resumable(tmp: Path, attrs: Mapping[str, Any]) -> h5py.File:
+    """The partial run file `tmp` open for writing, after checking (read-only) it was started by the same
+    computation."""
+    with _open_hdf5(tmp, "r") as f:
+        _validate(f, tmp)
+        differ = [key for key in RESUME_KEYS if _py(f.attrs.get(key)) != _py(_attr_value(attrs.get(key)))]
+    if differ:
+        raise BadInputError(
+            f"cannot resume: the partial run {tmp} differs in {', '.join(differ)}; run again without --resume"
+        )
+    f = _open_hdf5(tmp, "r+")
+    f.attrs["resumed"] = int(f.attrs.get("resumed", 0)) + 1
+    return f
+
+
+def _create(path: Path, attrs: Mapping[str, Any], resumable: bool, resume: bool) -> Iterator[h5py.File]:
+    tmp = partial_path(path)
+    f = _resumable(tmp, attrs) if resume and tmp.exists() else None
     try:
-        f = h5py.File(tmp, "w", rdcc_nbytes=CACHE_BYTES)
-        set_attrs(f, attrs)
+        if f is None:
+            f = h5py.File(tmp, "w", rdcc_nbytes=CACHE_BYTES)
+            set_attrs(f, {**attrs, "complete": False})
         yield f
+        f.attrs["complete"] = True
         _commit(tmp, f, path)
-    except BaseException:
-        _discard(tmp, f)
+    except BaseException as error:
+        if resumable and isinstance(error, KeyboardInterrupt):
+            _keep(f)
+        else:
+            _discard(tmp, f)
         raise
 
 
@@ -248,7 +411,7 @@ def update_run(path: str | os.PathLike) -> Iterator[h5py.File]:
 
 
 def _update(path: Path) -> Iterator[h5py.File]:
-    tmp = _partial_path(path)
+    tmp = partial_path(path)
     f = None
     try:
         shutil.copyfile(path, tmp)
@@ -260,6 +423,41 @@ def _update(path: Path) -> Iterator[h5py.File]:
         raise
 
 
+def shard_path(path: str | os.PathLike, rank: int, world: int) -> Path:
+    """The shard file that rank `rank` of `world` writes for the run file `path` (`join_shards` joins them)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.rank{rank}-of-{world}")
+
+
+SHARDED = ("train_train", "test_train", "diag_train", "diag_test")  # kernel datasets split by row tiles over ranks
+
+
+def join_shards(path: str | os.PathLike, shards: Sequence[Path], *, overwrite: bool) -> None:
+    """Write the run file `path` from the shard files of a distributed compute (`create_run`, atomic), then delete
+    them. Each kernel dataset of `SHARDED` holds in each shard the row tiles of one rank and zeros elsewhere, so it
+    is their sum (exact: every entry is written by one rank); everything else is the first shard's."""
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(_open_hdf5(Path(shard), "r")) for shard in shards]
+        first = files[0]
+        attrs = {**attrs_dict(first), "world_size": len(files)}
+        with create_run(path, overwrite=overwrite, attrs=attrs) as run:
+            for name in first:
+                first.copy(first[name], run, name)
+            for name in [f"kernel/{kernel}/{block}" for kernel in run.get("kernel", {}) for block in SHARDED]:
+                if name in run:
+                    _sum_rows(run[name], [f[name] for f in files])
+    for shard in shards:
+        Path(shard).unlink()
+
+
+def _sum_rows(target: h5py.Dataset, sources: Sequence[h5py.Dataset]) -> None:
+    """target = Σ sources, a block of rows (about CACHE_BYTES) at a time."""
+    rows = max(1, CACHE_BYTES // max(1, target.dtype.itemsize * math.prod(target.shape[1:])))
+    for start in range(0, target.shape[0], rows):
+        block = slice(start, min(target.shape[0], start + rows))
+        target[block] = sum(source[block] for source in sources)
+
+
 # --------------------------------------------------------------------------------------------------
 # Datasets
 
@@ -269,14 +467,18 @@ def _itemsize(dtype: Any) -> int:
     return size if size > 0 and np.dtype(dtype).kind != "O" else 16
 
 
-def _chunks(shape: tuple[int, ...], itemsize: int, row_chunk: int | None) -> tuple[int, ...]:
+def _chunks(shape: tuple[int, ...], itemsize: int, tile: int | None, tiled_axes: int) -> tuple[int, ...]:
     """Chunk shape: whole trailing axes and as many rows as fit ~1 MiB (at least one row).
 
-    When a single row is larger than that, the row is split along its leading axes instead.
+    When a single row is larger than that, the row is split along its leading axes instead. With a `tile`, the
+    first `tiled_axes` axes are written in tiles of that many entries: they are chunked by a divisor of `tile`, so
+    every tile write fills whole chunks and a chunk, once written and checkpointed, is never rewritten (`checkpoint`).
     """
     dims = [max(1, d) for d in shape]
-    if row_chunk is not None:
-        return (max(1, min(row_chunk, dims[0])), *dims[1:])
+    if tile is not None:
+        inner = math.prod(dims[tiled_axes:])
+        side = _aligned_side(tile, max(1, CHUNK_BYTES // (itemsize * inner)), tiled_axes)
+        return tuple(min(side, d) for d in dims[:tiled_axes]) + tuple(dims[tiled_axes:])
     budget = max(1, CHUNK_BYTES // itemsize)  # elements per chunk
     row = math.prod(dims[1:])
     if row <= budget:
@@ -291,17 +493,26 @@ def _chunks(shape: tuple[int, ...], itemsize: int, row_chunk: int | None) -> tup
     return tuple(chunk)
 
 
+def _aligned_side(tile: int, budget: int, axes: int) -> int:
+    """The largest divisor c of `tile` with c**axes ≤ budget; `tile` itself when that c is below 16 (a tile of
+    awkward size gets one chunk per tile rather than tiny chunks)."""
+    side = max((c for c in range(1, tile + 1) if tile % c == 0 and c**axes <= budget), default=1)
+    return side if side >= min(16, tile) else tile
+
+
 def create_rows(
     group: h5py.Group,
     name: str,
     shape: tuple[int, ...],
     dtype: Any,
     dims: Sequence[str],
-    row_chunk: int | None = None,
+    tile: int | None = None,
+    tiled_axes: int = 1,
 ) -> h5py.Dataset:
     """Create an empty dataset chunked along rows, gzip+shuffle, with a ``dims`` attribute.
 
-    Meant to be filled tile by tile (``ds[r0:r1, c0:c1] = tile``); unwritten entries read as 0.
+    Meant to be filled tile by tile (``ds[r0:r1, c0:c1] = tile``); unwritten entries read as 0. Given the `tile`
+    size of its first `tiled_axes` axes, chunks are aligned to the tiles (`_chunks`).
     """
     shape = tuple(int(d) for d in shape)
     if len(dims) != len(shape):
@@ -315,7 +526,7 @@ def create_rows(
             shape=shape,
             dtype=dtype,
             maxshape=maxshape,
-            chunks=_chunks(shape, _itemsize(dtype), row_chunk),
+            chunks=_chunks(shape, _itemsize(dtype), tile, tiled_axes),
             compression="gzip",
             compression_opts=GZIP_LEVEL,
             shuffle=True,
@@ -324,12 +535,25 @@ def create_rows(
     return ds
 
 
+def tiles_done(dataset: h5py.Dataset) -> int:
+    """How many leading row tiles of `dataset` (those this process computes) an interrupted run wrote and
+    checkpointed."""
+    return int(dataset.attrs.get("tiles_done", 0))
+
+
+def checkpoint(dataset: h5py.Dataset, tiles: int) -> None:
+    """Record durably that the first `tiles` row tiles of `dataset` are written: the data reach the file before the
+    marker `tiles_done` does, so a kill at any point leaves a marker that is never ahead of the data."""
+    dataset.file.flush()
+    dataset.attrs["tiles_done"] = tiles
+    dataset.file.flush()
+
+
 def write_array(
     group: h5py.Group,
     name: str,
     array: np.ndarray,
     dims: Sequence[str],
-    row_chunk: int | None = None,
 ) -> h5py.Dataset:
     """Write ``array`` in one shot as a row-chunked, compressed dataset with a ``dims`` attribute."""
     array = np.asarray(array)
@@ -337,22 +561,22 @@ def write_array(
     if array.dtype.kind in "UO":
         dtype = h5py.string_dtype()
         array = array.astype(object)
-    ds = create_rows(group, name, array.shape, dtype, dims, row_chunk)
+    ds = create_rows(group, name, array.shape, dtype, dims)
     if array.size:
         ds[...] = array
     return ds
 
 
 def features_dataset(
-    group: h5py.Group, name: str, shape: tuple[int, ...], dtype: torch.dtype, dims: Sequence[str]
+    group: h5py.Group, name: str, shape: tuple[int, ...], dtype: torch.dtype, dims: Sequence[str], tile: int | None
 ) -> h5py.Dataset:
-    """An empty features dataset of torch `dtype`; bfloat16, which HDF5 lacks, is kept as its 16 raw bits (uint16)
-    with the attribute encoding="bfloat16" (`read_features` undoes it)."""
+    """An empty features dataset of torch `dtype`, written in row tiles of `tile`; bfloat16, which HDF5 lacks, is
+    kept as its 16 raw bits (uint16) with the attribute encoding="bfloat16" (`read_features` undoes it)."""
     if dtype == torch.bfloat16:
-        dataset = create_rows(group, name, shape, np.uint16, dims)
+        dataset = create_rows(group, name, shape, np.uint16, dims, tile)
         dataset.attrs["encoding"] = "bfloat16"
         return dataset
-    return create_rows(group, name, shape, torch.empty((), dtype=dtype).numpy().dtype, dims)
+    return create_rows(group, name, shape, torch.empty((), dtype=dtype).numpy().dtype, dims, tile)
 
 
 def encode_features(values: torch.Tensor, dataset: h5py.Dataset) -> np.ndarray:
@@ -384,13 +608,13 @@ def group_attrs(path: str | os.PathLike, group: str) -> dict[str, Any]:
     with open_run(path) as f:
         if group not in f:
             raise BadInputError(f"{path} has no /{group.strip('/')} (run the stage that writes it first)")
-        return _attrs_dict(f[group])
+        return attrs_dict(f[group])
 
 
 def faithfulness(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The attributes of /faithfulness and /distill/faithfulness, those present; neither is bad input."""
     with open_run(path) as f:
-        found = {name: _attrs_dict(f[name]) for name in ("faithfulness", "distill/faithfulness") if name in f}
+        found = {name: attrs_dict(f[name]) for name in ("faithfulness", "distill/faithfulness") if name in f}
     if not found:
         raise BadInputError(f"{path} has no /faithfulness (run the stage that writes it first)")
     return found
@@ -409,7 +633,7 @@ def summarize(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _describe(name: str, obj: h5py.Group | h5py.Dataset) -> dict[str, Any]:
-    attrs = _attrs_dict(obj)
+    attrs = attrs_dict(obj)
     dims = attrs.pop("dims", None)
     is_ds = isinstance(obj, h5py.Dataset)
     return {

@@ -31,6 +31,11 @@ What is measured
    TRAK, gaussian, sparse, tensorsketch and kronecker; samples/s, the relative error of the cosine-normalised kernel
    against the exact pseudo kernel, and the share of a plain batched forward + backward pass's samples/s.
 
+7. The scale targets: the MLP's exact trace kernel at N = 1024 (time; neural-tangents' figure is ~1.1 s) and at
+   N = 8192 under a 3 GB budget (peak RSS); the CNN's exact trace kernel at N = 1024 against the naive method; the
+   MLP's projected pseudo kernel (tensorsketch, d = 4096) at N = 50 000 under a 3 GB budget, end to end through
+   `compute_kernel` into a run file (wall time, peak RSS, file size).
+
 How
 ---
 Every measurement runs in a fresh subprocess (`bench.py --worker NAME ...`) that prints its
@@ -153,13 +158,17 @@ def inputs(model: str, n: int) -> Tensor:
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(1))
 
 
-def ours_trace(model: nn.Module, x: Tensor, device: torch.device, budget: int, path: Path) -> None:
-    """The exact train × train trace kernel through `compute_kernel`, written to `path`."""
+def ours_trace(
+    model: nn.Module, x: Tensor, device: torch.device, budget: int, path: Path, projection: str = "none"
+) -> None:
+    """The train × train kernel through `compute_kernel`, written to `path`: the exact trace kernel, or with a
+    `projection` the projected pseudo kernel at d = PROJ_DIM."""
     from ntk_explain import store
     from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel
 
+    spec = KernelSpec("trace") if projection == "none" else KernelSpec("pseudo", projection, PROJ_DIM)
     with store.create_run(path, overwrite=True, attrs={}) as run:
-        compute_kernel(run, model, KernelSpec("trace"), x, None, Budget(device, budget, None))
+        compute_kernel(run, model, spec, x, None, Budget(device, budget, None))
 
 
 def naive_trace(model: nn.Module, x: Tensor) -> Tensor:
@@ -311,9 +320,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     tmp = Path(args.tmp)
     if args.worker == "ours":
-        ours_trace(model, x[:WARMUP_N], device, args.budget, tmp / "warmup.h5")
+        ours_trace(model, x[:WARMUP_N], device, args.budget, tmp / "warmup.h5", args.projection)
         paths = iter(tmp / f"ours-{args.n}-{i}.h5" for i in range(args.repeats))
-        times = timed(lambda: ours_trace(model, x, device, args.budget, next(paths)), device, args.repeats)
+        times = timed(
+            lambda: ours_trace(model, x, device, args.budget, next(paths), args.projection), device, args.repeats
+        )
+        extra["file_mb"] = max(p.stat().st_size for p in tmp.glob(f"ours-{args.n}-*.h5")) / MB
         if args.save:
             import h5py
 
@@ -650,6 +662,46 @@ def workload_quality(args: argparse.Namespace, tmp: str, n: int) -> tuple[list[R
     return rows, raw
 
 
+def workload_targets(args: argparse.Namespace, tmp: str) -> tuple[list[Row], dict]:
+    """7: the scale targets of issue 5: the MLP's exact trace kernel at N = 1024 (neural-tangents' structured
+    derivatives take ~1.1 s on these machines; the naive method cannot hold N = 1024 in 24 GB) and at N = 8192 under
+    a 3 GB budget (target peak < 4 GB); the CNN's exact trace kernel at N = 1024 against the naive method (target
+    ≥ 5×); the MLP's projected pseudo kernel (tensorsketch, d = 4096) at N = 50 000 end to end under a 3 GB budget,
+    its 50 000² kernel written to the run file (target peak < 4 GB)."""
+    budget, rows, raw = 3 * 10**9, [], {}
+    mlp = measure("7 ours trace N=1024 (MLP)", "ours", args, tmp, n=1024, repeats=3, budget=budget)
+    rows.append(Row("7 exact trace, MLP 670k (neural-tangents ~1.1 s)", 1024, mlp.get("best_s")))
+    rows[-1].peak_ours_mb = mlp.get("peak_rss_mb")
+    big = measure("7 ours trace N=8192 (MLP)", "ours", args, tmp, n=8192, repeats=1, budget=budget)
+    rows.append(
+        Row("7 exact trace, MLP 670k, 3 GB budget", 8192, big.get("best_s"), peak_ours_mb=big.get("peak_rss_mb"))
+    )
+    save = str(Path(tmp) / "cnn.npy")
+    cnn = measure(
+        "7 ours trace N=1024 (CNN)", "ours", args, tmp, n=1024, repeats=3, budget=budget, model="cnn", save=save
+    )
+    naive = measure("7 naive trace N=1024 (CNN)", "naive", args, tmp, n=1024, repeats=1, model="cnn", reference=save)
+    rows.append(Row("7 exact trace, zoo CNN 38k", 1024, cnn.get("best_s"), naive.get("best_s")))
+    rows[-1].peak_ours_mb, rows[-1].peak_naive_mb = cnn.get("peak_rss_mb"), naive.get("peak_rss_mb")
+    rows[-1].note = f"rel. Frobenius diff {naive.get('rel_frobenius', float('nan')):.1e}"
+    scale = measure(
+        "7 ours pseudo tensorsketch N=50000 (MLP)",
+        "ours",
+        args,
+        tmp,
+        n=50_000,
+        budget=budget,
+        projection="tensorsketch",
+    )
+    rows.append(Row(f"7 projected pseudo, tensorsketch d={PROJ_DIM}, MLP, 3 GB budget", 50_000, scale.get("best_s")))
+    rows[-1].peak_ours_mb = scale.get("peak_rss_mb")
+    rows[-1].note = scale.get("error") or f"run file {scale['file_mb']:.0f} MB"
+    for row, result in zip(rows, (mlp, big, cnn, scale), strict=True):
+        row.note = "; ".join(filter(None, [row.note, result.get("error"), gpu_note(result).lstrip("; ")]))
+    raw.update(mlp_1024=mlp, mlp_8192=big, cnn_1024=cnn, cnn_naive_1024=naive, mlp_50000=scale)
+    return rows, raw
+
+
 def fmt(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -687,6 +739,7 @@ def run_all(args: argparse.Namespace) -> None:
         "4": lambda tmp: workload_attribute(args, tmp, *ATTRIBUTE_SIZES["quick" if args.quick else "default"]),
         "5": lambda tmp: workload_distill(args, tmp, DISTILL_REDUCTION),
         "6": lambda tmp: workload_quality(args, tmp, n3 // 4),
+        "7": lambda tmp: workload_targets(args, tmp),
     }
     rows, raws = [], {}
     with tempfile.TemporaryDirectory(prefix="ntk-bench-") as tmp:
@@ -715,7 +768,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--json", help="also save the figures to this JSON file")
     worker = parser.add_argument_group("worker (internal)")
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated workloads to run (default: all, 1-6)")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated workloads to run (default: all, 1-7)")
     worker.add_argument(
         "--worker",
         choices=("ours", "naive", "project", "synthetic", "attribute", "weights", "quality"),
@@ -730,6 +783,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     worker.add_argument("--reference", help=argparse.SUPPRESS)
     worker.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help=argparse.SUPPRESS)
     worker.add_argument("--kind", default="gaussian", help=argparse.SUPPRESS)
+    worker.add_argument("--projection", default="none", help=argparse.SUPPRESS)
     worker.add_argument("--dim", type=int, default=PROJ_DIM, help=argparse.SUPPRESS)
     worker.add_argument("--tile", type=int, default=PROJ_TILE, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

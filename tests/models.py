@@ -1,4 +1,8 @@
-"""Small float64 test models: an MLP, a CNN with BatchNorm, and a model that reuses a Linear."""
+"""Small float64 test models: an MLP, a CNN with BatchNorm, a model that reuses a Linear, token-embedding models
+(one tied to its output layer) and models with LayerNorm, RMSNorm, GroupNorm and BatchNorm1d.
+
+`MODELS[name]` is (factory, input shape, vocabulary): inputs are Gaussian, or token ids below the vocabulary given
+as float64 (the pipeline computes in the inputs' dtype), which the model casts to indices."""
 
 import torch
 from torch import nn
@@ -54,4 +58,101 @@ def twice(classes: int = 3) -> nn.Module:
     return Twice(classes).double().eval()
 
 
-MODELS = {"mlp": (mlp, (6,)), "cnn": (cnn, (1, 4, 4)), "twice": (twice, (6,))}
+def _randomise(*norms: nn.Module) -> None:
+    """Random γ and β (and running statistics), so that they are no identity."""
+    for norm in norms:
+        if norm.weight is not None:
+            norm.weight.data.uniform_(0.5, 1.5)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.data.normal_()
+        if getattr(norm, "running_mean", None) is not None:
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+
+
+class Bag(nn.Module):
+    """Token ids (2, 3) → Embedding(vocabulary, 5) → tanh → flatten → Linear(30, classes): one lookup of 6 sites."""
+
+    def __init__(self, classes: int = 3, vocabulary: int = 48) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, 5)
+        self.head = nn.Linear(30, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(ids.long())).flatten(1))
+
+
+def bag(classes: int = 3, vocabulary: int = 48) -> nn.Module:
+    torch.manual_seed(0)
+    return Bag(classes, vocabulary).double().eval()
+
+
+class Tied(nn.Module):
+    """Token ids (4,) → Embedding(7, 5) → tanh → mean → Linear(5, 7) whose weight is the embedding's (tied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 5)
+        self.head = nn.Linear(5, 7)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(ids.long())).mean(1))
+
+
+def tied() -> nn.Module:
+    torch.manual_seed(0)
+    return Tied().double().eval()
+
+
+class Normed(nn.Module):
+    """x (3, 6) → Linear(6, 8) at 3 positions → LayerNorm(8) → tanh → the same LayerNorm (a second call) → RMSNorm(8)
+    → tanh → LayerNorm((3, 8)) without bias → flatten → Linear(24, classes)."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.norm = nn.LayerNorm(8)
+        self.rms = nn.RMSNorm(8)
+        self.joint = nn.LayerNorm((3, 8), bias=False)
+        self.head = nn.Linear(24, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.tanh(self.norm(self.proj(x))))
+        return self.head(self.joint(torch.tanh(self.rms(h))).flatten(1))
+
+
+def normed(classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    model = Normed(classes).double()
+    _randomise(model.norm, model.rms, model.joint)
+    return model.eval()
+
+
+def grouped(classes: int = 3) -> nn.Module:
+    """Inputs (2, 4, 4): Conv2d → GroupNorm(2, 4) → ReLU → Conv2d(4, 6, 2, stride 2) → tanh → flatten →
+    BatchNorm1d(24) → Linear(24, classes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 2, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.BatchNorm1d(24),
+        nn.Linear(24, classes),
+    ).double()
+    _randomise(model[1], model[6])
+    return model.eval()
+
+
+MODELS = {
+    "mlp": (mlp, (6,), 0),
+    "cnn": (cnn, (1, 4, 4), 0),
+    "twice": (twice, (6,), 0),
+    "bag": (bag, (2, 3), 48),
+    "tied": (tied, (4,), 7),
+    "normed": (normed, (3, 6), 0),
+    "grouped": (grouped, (2, 4, 4), 0),
+}

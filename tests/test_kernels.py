@@ -22,8 +22,12 @@ def rel(a, b) -> float:
 
 
 def data(name: str, n: int, seed: int) -> torch.Tensor:
-    shape = MODELS[name][1]
-    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    """n inputs of test model `name`: Gaussian, or token ids below its vocabulary (as float64)."""
+    _, shape, vocabulary = MODELS[name]
+    generator = torch.Generator().manual_seed(seed)
+    if vocabulary:
+        return torch.randint(0, vocabulary, (n, *shape), generator=generator).double()
+    return torch.randn(n, *shape, generator=generator, dtype=torch.float64)
 
 
 def computed(tmp_path, model, spec, train, test, batch_size=None, max_memory=2**30):
@@ -62,6 +66,43 @@ def test_structured_layers_are_chosen_per_layer():
     assert [(layer.module, layer.sites) for layer in twice.layers] == [("inner", 2), ("head", 1)]
 
 
+@pytest.mark.parametrize("output", ["logits", "pseudo"])
+def test_embeddings_and_normalisations_are_structured_unless_shared(output):
+    """Normalisation γ, β are formed from δ and x̂ (dense columns, no jacrev), BatchNorm's in eval mode only; an
+    Embedding without padding_idx is a lookup when S²(K·d + 1) ≤ K·V·d (6 sites: V = 48 but not V = 20); a tied
+    Embedding stays dense (and exact: `tied` in MODELS)."""
+
+    def plan(name):
+        return plan_tangents(MODELS[name][0](), data(name, 1, 0)[0], output)
+
+    cnn = plan("cnn")
+    assert [(a.module, a.weight, a.bias, a.channels) for a in cnn.affines] == [
+        ("1", "1.weight", "1.bias", 4),
+        ("4", "4.weight", "4.bias", 6),
+    ]
+    assert {"1.weight", "4.bias"} <= set(cnn.dense) and not {"1.weight", "4.bias"} & set(cnn.jacobian)
+    assert not plan_tangents(MODELS["cnn"][0]().train(), data("cnn", 1, 0)[0], output).affines  # batch statistics
+    normed = plan("normed")
+    assert [(a.module, a.channels, a.bias) for a in normed.affines] == [
+        ("norm", 8, "norm.bias"),
+        ("rms", 8, None),
+        ("joint", 24, None),
+    ]
+    assert normed.jacobian == ("proj.weight", "proj.bias")  # 3 sites: dearer factorised
+    grouped = plan("grouped")
+    assert [a.module for a in grouped.affines] == ["1", "6"]
+    assert grouped.jacobian == ("0.weight", "0.bias", "3.weight", "3.bias")  # 16 and 4 sites: dense convs
+    bag = plan("bag")
+    assert [(e.module, e.rows, e.features, e.sites) for e in bag.lookups] == [("embed", 48, 5, 6)]
+    assert "embed.weight" not in bag.dense
+    assert not plan_tangents(MODELS["bag"][0](vocabulary=20), data("bag", 1, 0)[0] % 20, output).lookups
+    padded = MODELS["bag"][0]()
+    padded.embed.padding_idx = 0
+    assert not plan_tangents(padded, data("bag", 1, 0)[0], output).lookups  # padding_idx: dense
+    tied = plan("tied")
+    assert not tied.lookups and not tied.layers and tied.jacobian == ("embed.weight", "head.bias")
+
+
 def test_params_glob_restricts_the_kernel(tmp_path):
     model = MODELS["mlp"][0]()
     train, test = data("mlp", 6, 0), data("mlp", 3, 1)
@@ -95,15 +136,17 @@ def test_tiles_do_not_change_the_kernel(tmp_path):
         np.testing.assert_allclose(tiled[key], value, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("block_numel", [50, 4096])
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sparse"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_projected_features_are_R_times_the_jacobian(name, kind):
-    """R g for every sample and output, R formed explicitly from its columns (small P only)."""
+def test_projected_features_are_R_times_the_jacobian(name, kind, block_numel):
+    """R g for every sample and output, R formed explicitly from its columns (small P only); gradients projected a
+    column (an embedding row) at a time or in blocks (runs of consecutive embedding rows)."""
     model = MODELS[name][0]()
     x = data(name, 4, 0)
     plan = plan_tangents(model, x[0])
     projection = Projection(kind, 64, seed=3)
-    got = project(plan, tangent_factors(model, plan, x), projection, block_numel=50)
+    got = project(plan, tangent_factors(model, plan, x), projection, block_numel=block_numel)
     jac = reference.jacobian(model, x)
     columns = projection.columns(0, plan.n_params, torch.device("cpu"))
     if kind == "sparse":
@@ -125,14 +168,21 @@ def test_projection_columns_do_not_depend_on_the_range():
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sparse", "tensorsketch", "kronecker"])
-def test_projected_kernels_are_unbiased(tmp_path, kind):
-    """The mean over 16 seeds is much closer to the exact kernel than one seed is (error ~ 1/√seeds)."""
-    model = MODELS["mlp"][0]()
-    train, test = data("mlp", 6, 0), data("mlp", 3, 1)
-    j_train = reference.jacobian(model, train)
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("mlp", None), ("bag", ("embed.weight",)), ("normed", ("norm.weight", "norm.bias", "rms.weight", "joint.weight"))],
+    ids=["mlp", "embedding", "normalisations"],
+)
+def test_projected_kernels_are_unbiased(tmp_path, name, params, kind):
+    """The mean over 16 seeds is much closer to the exact kernel than one seed is (error ~ 1/√seeds); also for the
+    kernel of an embedding alone (a lookup) and of normalisation parameters alone (affine), the sketches' generic
+    group then."""
+    model = MODELS[name][0]()
+    train, test = data(name, 6, 0), data(name, 3, 1)
+    j_train = reference.jacobian(model, train, params)
     exact = reference.kernel(j_train, j_train, "trace").numpy()
     runs = [
-        computed(tmp_path, model, KernelSpec("trace", kind, 32, seed), train, test)[0]["train_train"]
+        computed(tmp_path, model, KernelSpec("trace", kind, 32, seed, params=params), train, test)[0]["train_train"]
         for seed in range(16)
     ]
     single = np.mean([rel(run, exact) for run in runs])
@@ -194,26 +244,43 @@ def test_exported_program_kernel(tmp_path):
 
 
 def _sketched(name: str, kind: str, seed: int) -> tuple:
-    """Factors of 3 samples of test model `name`, their d = 40 sketch by `kind`, and its size-shared dimensions."""
+    """Plan and factors of 3 samples of test model `name`, their d = 40 sketch by `kind`, its size-shared dimensions
+    and, by definition, the sketch of its generic group (None when it has none)."""
     model = MODELS[name][0]()
     x = data(name, 3, 0)
     plan = plan_tangents(model, x[0])
     factors = tangent_factors(model, plan, x)
-    return factors, project(plan, factors, Projection(kind, 40, seed=seed), block_numel=0), sketch_dims(plan, 40)
+    got = project(plan, factors, Projection(kind, 40, seed=seed), block_numel=0)
+    dims = sketch_dims(plan, 40)
+    generic = _generic_sketch(plan, factors, seed, dims[0]) if plan.dense or plan.lookups else None
+    return plan, factors, got, dims, generic
+
+
+def _generic_sketch(plan, factors, seed: int, dim: int) -> torch.Tensor:
+    """CountSketch matrices (hashes (seed, 0) over the dense columns, (seed, 2·stream) over lookup `stream`, numbered
+    after the layers) times the dense gradients and every embedding's gradient Σ_s δ_s e_{i_s}ᵀ, one-hot formed."""
+
+    def matrix(stream: int, size: int) -> torch.Tensor:
+        buckets, signs = hashes(seed, stream, size, dim, torch.device("cpu"))
+        counts = torch.zeros(dim, size, dtype=torch.float64)
+        counts[buckets, torch.arange(size)] = signs.double()
+        return counts
+
+    sketch = factors.dense @ matrix(0, factors.dense.shape[-1]).T
+    lookups = zip(plan.lookups, factors.lookup_deltas, factors.indices, strict=True)
+    for stream, (lookup, delta, rows) in enumerate(lookups, start=len(plan.layers) + 1):
+        gradient = torch.einsum("nksd,nsv->nkvd", delta, torch.nn.functional.one_hot(rows, lookup.rows).double())
+        sketch = sketch + gradient.flatten(2) @ matrix(2 * stream, lookup.rows * lookup.features).T
+    return sketch
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_tensorsketch_is_the_sketch_of_each_layer_gradient(name):
     """FFT path vs the definition: TS(G)_b = Σ_{(h₁(o) + h₂(i)) mod d = b} s₁(o) s₂(i) G_oi, G = Σ_s δ_s ã_sᵀ;
-    dense parameters by a CountSketch of their gradients."""
-    factors, got, dims = _sketched(name, "tensorsketch", seed=7)
-    assert got.shape == (3, factors.deltas[0].shape[1], 40) and sum(dims) == 40
-    parts = []
-    if factors.dense.shape[-1]:
-        buckets, signs = hashes(7, 0, factors.dense.shape[-1], dims[0], torch.device("cpu"))
-        matrix = torch.zeros(dims[0], factors.dense.shape[-1], dtype=torch.float64)
-        matrix[buckets, torch.arange(len(buckets))] = signs.double()
-        parts.append(factors.dense @ matrix.T)
+    the generic group (dense parameters, embeddings) by a CountSketch of its gradients."""
+    plan, factors, got, dims, generic = _sketched(name, "tensorsketch", seed=7)
+    assert got.shape == (3, plan.outputs, 40) and sum(dims) == 40
+    parts = [] if generic is None else [generic]
     for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
         d = dims[len(parts)]
         h1, s1 = hashes(7, 2 * stream, delta.shape[-1], d, torch.device("cpu"))
@@ -229,12 +296,14 @@ def test_tensorsketch_is_the_sketch_of_each_layer_gradient(name):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_kronecker_is_the_projection_of_each_layer_gradient(name):
-    """Per factorised layer, (R_out ⊗ R_in)ᵀ vec(Σ_s δ_s ã_sᵀ) padded to its share of d; dense parameters as for
+    """Per factorised layer, (R_out ⊗ R_in)ᵀ vec(Σ_s δ_s ã_sᵀ) padded to its share of d; the generic group as for
     tensorsketch (a CountSketch)."""
-    factors, got, dims = _sketched(name, "kronecker", seed=5)
-    start = dims[0] if factors.dense.shape[-1] else 0
+    _, factors, got, dims, generic = _sketched(name, "kronecker", seed=5)
+    if generic is not None:
+        assert rel(got[..., : dims[0]], generic) < 1e-12
+    start = 0 if generic is None else dims[0]
     for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
-        d = dims[stream - (0 if factors.dense.shape[-1] else 1)]
+        d = dims[stream - (generic is None)]
         a, b = int(np.sqrt(d)), d // int(np.sqrt(d))
         g = torch.Generator().manual_seed(5 * 0x9E3779B1 + 0x2545F491 * (stream + 1))
         r_out = torch.randn(delta.shape[-1], a, generator=g).double() / np.sqrt(a)

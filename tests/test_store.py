@@ -59,7 +59,8 @@ def _dir_listing(path: Path) -> list[str]:
 def test_root_attrs_complete_and_parseable(tmp_path):
     path = _make_run(tmp_path / "run.h5")
     attrs = store.root_attrs(path)
-    assert set(attrs) == ROOT_KEYS
+    assert set(attrs) == ROOT_KEYS | {"complete"}
+    assert attrs["complete"] is True or attrs["complete"] == 1
     assert attrs["format"] == "ntk-explain"
     assert attrs["format_version"] == store.FORMAT_VERSION
     assert attrs["ntk_explain_version"] == __version__
@@ -191,7 +192,7 @@ def test_tile_writes_read_back(tmp_path):
     full = rng.standard_normal((37, 23, 3)).astype(np.float32)
     path = tmp_path / "run.h5"
     with store.create_run(path, overwrite=False, attrs=_attrs()) as f:
-        ds = store.create_rows(f, "k", full.shape, np.float32, ("test", "train", "class"), row_chunk=8)
+        ds = store.create_rows(f, "k", full.shape, np.float32, ("test", "train", "class"), tile=8)
         assert ds.chunks == (8, 23, 3)
         for r0 in range(0, 37, 10):
             for c0 in range(0, 23, 6):

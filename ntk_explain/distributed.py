@@ -1,0 +1,79 @@
+"""Row sharding over torch.distributed ranks (`torchrun --nproc-per-node K -m ntk_explain compute …`).
+
+Rank r of W computes the row tiles i with i mod W = r: the stripes of every Gram and the projected features of
+those tiles, which are broadcast so that every rank holds all of them. Each rank writes its own shard file; rank 0
+joins them into the run file (`store.join_shards`). NCCL on CUDA, gloo on CPU. One process is W = 1: no
+collectives at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's rank among `world` processes."""
+
+    rank: int = 0
+    world: int = 1
+
+    def owns(self, index: int) -> bool:
+        """Whether this rank computes the row tile `index`."""
+        return index % self.world == self.rank
+
+    def owner(self, index: int) -> int:
+        return index % self.world
+
+
+def from_environment() -> Shard:
+    """The shard that torchrun's RANK and WORLD_SIZE variables describe (one process without them)."""
+    return Shard(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def local_device(device: torch.device, shard: Shard) -> torch.device:
+    """CUDA device LOCAL_RANK for a rank of a multi-process CUDA run; `device` otherwise."""
+    if shard.world > 1 and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def start(shard: Shard, device: torch.device) -> None:
+    """Join the process group (NCCL on CUDA, gloo on CPU) when there is more than one rank."""
+    if shard.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=_device_id(device))
+
+
+def _device_id(device: torch.device) -> torch.device | None:
+    return device if device.type == "cuda" else None
+
+
+def stop(shard: Shard) -> None:
+    if shard.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(shard: Shard) -> None:
+    if shard.world > 1:
+        dist.barrier()
+
+
+def broadcast(values: Tensor, source: int, shard: Shard) -> Tensor:
+    """`values` of rank `source` on every rank (the others pass a tensor of the same shape, dtype and device)."""
+    if shard.world > 1:
+        dist.broadcast(values, source)
+    return values
+
+
+def smallest(value: int, shard: Shard, device: torch.device) -> int:
+    """The least of every rank's `value` (exchanged on `device`, the process group's)."""
+    if shard.world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())

@@ -1,0 +1,178 @@
+"""Interrupted computes and `--resume` (SPEC §6): a compute killed at seeded random points (SIGKILL, no cleanup) or
+stopped by SIGTERM resumes to kernels `np.array_equal` to an uninterrupted run's, in float64.
+
+The runs are real processes; a small driver counts the run file's dataset writes and flushes and kills its own
+process at the k-th one, so the kill points are reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from ntk_explain import store
+from tests.test_cli import _env
+
+N_TRAIN, N_TEST = 40, 12
+CONFIGS = {  # two kernels through the factor tiles; one through stored projected features
+    "exact": ["--kernel", "trace,pseudo"],
+    "projected": ["--kernel", "pseudo", "--projection", "sparse", "--proj-dim", "64"],
+}
+BLOCKS = ("train_train", "test_train", "diag_train", "diag_test")
+
+# Runs `ntk-explain ARGS` after patching h5py so that its AT-th dataset write or file flush (counted together) sends
+# SIGNAL to this process; prints the number of those calls on stderr's last line when it gets that far.
+DRIVER = """
+import os, signal, sys
+import h5py
+from ntk_explain import cli
+
+at, sig, args = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3:]
+calls = 0
+
+def counted(original):
+    def call(*a, **k):
+        global calls
+        calls += 1
+        if calls == at:
+            os.kill(os.getpid(), sig)
+        return original(*a, **k)
+    return call
+
+h5py.Dataset.__setitem__ = counted(h5py.Dataset.__setitem__)
+h5py.File.flush = counted(h5py.File.flush)
+sys.argv = ["ntk-explain", *args]
+try:
+    cli.main()
+finally:
+    print(f"calls={calls}", file=sys.stderr)
+"""
+
+
+def _compute(cwd: Path, config: str, at: int = 0, sig: str = "SIGKILL", resume: bool = False) -> tuple[int, str]:
+    args = [
+        "compute",
+        "--model",
+        "tests.models:cnn",
+        "--train",
+        "data.npz",
+        "--test",
+        "data.npz",
+        "--out",
+        "run.h5",
+        "--dtype",
+        "float64",
+        "--batch-size",
+        "8",
+        "--json",
+        *CONFIGS[config],
+        *(["--resume"] if resume else []),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(at), sig, *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return done.returncode, done.stderr
+
+
+def _calls(stderr: str) -> int:
+    return int(stderr.strip().splitlines()[-1].removeprefix("calls="))
+
+
+def _kernels(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {f"{name}/{block}": f["kernel"][name][block][()] for name in f["kernel"] for block in BLOCKS}
+
+
+@dataclass(frozen=True)
+class Reference:
+    kernels: dict[str, np.ndarray]  # of an uninterrupted run
+    calls: int  # its dataset writes and flushes
+    data: Path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Reference]:
+    rng = np.random.default_rng(0)
+    runs = {}
+    for config in CONFIGS:
+        cwd = tmp_path_factory.mktemp(config)
+        np.savez(cwd / "data.npz", x=rng.normal(size=(N_TRAIN, 1, 4, 4)), y=rng.integers(0, 3, N_TRAIN))
+        code, stderr = _compute(cwd, config)
+        assert code == 0, stderr
+        runs[config] = Reference(_kernels(cwd / "run.h5"), _calls(stderr), cwd / "data.npz")
+    return runs
+
+
+def _fresh(cwd: Path, reference: Reference) -> Path:
+    cwd.mkdir()
+    shutil.copy(reference.data, cwd / "data.npz")
+    return cwd
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_sigkill_at_random_points_then_resume_gives_the_same_kernels(tmp_path: Path, reference, config: str) -> None:
+    expected, total = reference[config].kernels, reference[config].calls
+    points = sorted(np.random.default_rng(list(CONFIGS).index(config)).choice(np.arange(2, total), 3, replace=False))
+    skipped = []
+    for at in points:
+        cwd = _fresh(tmp_path / f"kill{at}", reference[config])
+        code, _ = _compute(cwd, config, at=int(at))
+        assert code == -signal.SIGKILL
+        assert not (cwd / "run.h5").exists()
+        code, stderr = _compute(cwd, config, resume=True)
+        assert code == 0, stderr
+        assert not store.partial_path(cwd / "run.h5").exists() and not (cwd / ".run.h5.lock").exists()
+        got = _kernels(cwd / "run.h5")
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert np.array_equal(got[key], value), (at, key)
+        skipped.append(total - _calls(stderr))
+    assert max(skipped) > total // 4, (points, skipped)  # some resumes continued, rather than starting over
+
+
+def test_sigterm_keeps_an_incomplete_partial_that_resume_completes(tmp_path: Path, reference) -> None:
+    expected, total = reference["exact"].kernels, reference["exact"].calls
+    cwd = _fresh(tmp_path / "run", reference["exact"])
+    code, stderr = _compute(cwd, "exact", at=total // 2, sig="SIGTERM")
+    assert code == 130
+    message = stderr.strip().splitlines()[0]
+    assert message.startswith("interrupted: the partial run is kept in") and "--resume" in message
+    assert "Traceback" not in stderr
+    assert not (cwd / "run.h5").exists()
+    partial = store.partial_path(cwd / "run.h5")
+    with h5py.File(partial, "r") as f:
+        assert not f.attrs["complete"]
+        assert [bool(f["kernel"][name].attrs["complete"]) for name in f["kernel"]] in ([False], [False, True])
+    code, stderr = _compute(cwd, "exact", resume=True)
+    assert code == 0, stderr
+    got = _kernels(cwd / "run.h5")
+    assert all(np.array_equal(got[key], value) for key, value in expected.items())
+    with h5py.File(cwd / "run.h5", "r") as f:
+        assert f.attrs["complete"] and f.attrs["resumed"] == 1
+    assert not partial.exists()
+
+
+def test_resume_with_other_options_is_refused_and_keeps_the_partial(tmp_path: Path, reference) -> None:
+    cwd = _fresh(tmp_path / "run", reference["projected"])
+    assert _compute(cwd, "projected", at=reference["projected"].calls // 2)[0] == -signal.SIGKILL
+    partial = store.partial_path(cwd / "run.h5")
+    before = partial.read_bytes()
+    code, stderr = _compute(cwd, "exact", resume=True)
+    assert code == 3
+    assert stderr.strip().splitlines()[0].startswith("error: cannot resume: the partial run") and "params" in stderr
+    assert partial.read_bytes() == before and not (cwd / "run.h5").exists()
+    os.remove(partial)
