@@ -55,6 +55,8 @@ app = typer.Typer(
 stderr = Console(stderr=True)
 stdout = Console(width=None if sys.stdout.isatty() else 160)  # piped tables keep whole lines
 
+SEED_MAX = 2**63 - 1  # seeds are stored as HDF5 int64 attributes
+
 Projection = Enum("Projection", {p: p for p in PROJECTIONS}, type=str)  # type: ignore[misc]
 
 
@@ -171,7 +173,7 @@ def _batch_size(text: str | None) -> int | None:
     """--batch-size: a positive number of rows, or auto (None: from the memory budget, halved on out-of-memory)."""
     if text is None or text == "auto":
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise UsageError(f"--batch-size {text!r}: expected a positive integer or auto")
     return int(text)
 
@@ -373,7 +375,7 @@ def compute(
     dtype: Annotated[DType, typer.Option(help="Computation and storage precision.")] = DType.float32,
     batch_size: BatchSize = "auto",
     max_memory: MaxMemory = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random projection.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the random projection.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue the partial run that an interrupted or killed compute of --out left.")
@@ -581,7 +583,7 @@ def demo(
     projection: Annotated[Projection, typer.Option(help="Random projection of the gradients.")] = "none",
     epochs: Annotated[int, typer.Option(help="Training epochs.", min=1)] = 30,
     device: Device = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of training and projection.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of training and projection.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace existing demo files.")] = False,
     quiet: Quiet = False,
     as_json: Json = False,
@@ -716,7 +718,7 @@ def distill(
     dtype: Annotated[DType, typer.Option(help="Computation and storage precision.")] = DType.float32,
     batch_size: BatchSize = "auto",
     max_memory: MaxMemory = None,
-    seed: Annotated[int, typer.Option(help="Seed of the projection, the selection and kip.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the projection, the selection and kip.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing /distill in --out, and --export.")] = False,
     quiet: Quiet = False,
     as_json: Json = False,

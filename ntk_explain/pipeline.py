@@ -129,7 +129,17 @@ def network_logits(model: nn.Module, x: Tensor, budget: Budget) -> Tensor:
     """f_θ(x) (N, C) in eval mode, in batches, on CPU."""
     batch = budget.batch_size or 1024
     with torch.no_grad():
-        return torch.cat([model(x[s : s + batch].to(budget.device)).cpu() for s in range(0, len(x), batch)])
+        logits = torch.cat([model(x[s : s + batch].to(budget.device)).cpu() for s in range(0, len(x), batch)])
+    return _finite(logits, "the network's outputs")
+
+
+def _finite(values: Tensor, what: str) -> Tensor:
+    """`values`, unless some are NaN or infinite: finite inputs and weights whose products overflow the dtype."""
+    if not torch.isfinite(values).all():
+        dtype = str(values.dtype).removeprefix("torch.")
+        hint = "; try --dtype float64" if values.dtype != torch.float64 else ""
+        raise BadInputError(f"{what} are not finite: the inputs or weights overflow {dtype}{hint}")
+    return values
 
 
 def write_data(run: h5py.File, split: str, data: Dataset, logits: Tensor) -> None:
@@ -254,7 +264,7 @@ def _write_kernel(
         progress.start(f"{group.name} {split}×train", blocks + len(rows.bounds))
         done = store.tiles_done(diag)
         for where, values in self_kernel(rows, how, lambda i, done=done: i >= done and shard.owns(i)):
-            diag[where] = values.cpu().numpy()
+            diag[where] = _finite(values, f"kernel values {group.name}/diag_{split}").cpu().numpy()
             store.checkpoint(diag, where.start // rows.tile + 1)
             progress.advance()
         done, stripe = store.tiles_done(gram), None  # stripe: the row tile whose blocks are being written
@@ -263,7 +273,7 @@ def _write_kernel(
             if stripe is not None and stripe != (c if mirrored else r):
                 store.checkpoint(gram, stripe.start // rows.tile + 1)
             stripe = c if mirrored else r
-            gram[r, c] = block.cpu().numpy()
+            gram[r, c] = _finite(block, f"kernel values {group.name}/{split}_train").cpu().numpy()
             progress.advance(0 if mirrored else 1)
         if stripe is not None:
             store.checkpoint(gram, stripe.start // rows.tile + 1)

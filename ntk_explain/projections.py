@@ -82,11 +82,16 @@ class Projection:
                 out.add_(part @ piece.to(part.dtype).T, alpha=self.scale)
 
 
+def generator(seed: int, salt: int, device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded by (seed · 0x9E3779B1 + salt) mod 2⁶⁴: any seed and salt, distinct streams."""
+    return torch.Generator(device=device).manual_seed((seed * 0x9E3779B1 + salt) % 2**64)
+
+
 @functools.lru_cache(maxsize=4)  # consecutive column blocks reuse a chunk instead of drawing it again
 def _draw(projection: Projection, index: int, device: torch.device) -> Tensor:
     """Chunk `index` of Z: dense (d, chunk) float32, or for sparse (2, chunk) int64 rows and signs."""
     dim, chunk = projection.dim, projection.chunk
-    g = torch.Generator(device=device).manual_seed(projection.seed * 0x9E3779B1 + index)
+    g = generator(projection.seed, index, device)
     if projection.kind == "gaussian":
         return torch.randn(dim, chunk, generator=g, device=device)
     if projection.kind == "rademacher":
@@ -115,7 +120,7 @@ def split_dims(dim: int, sizes: list[int]) -> list[int]:
 
 def hashes(seed: int, stream: int, size: int, dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """A CountSketch [size] → [dim]: buckets and ±1 signs, drawn from (seed, stream)."""
-    g = torch.Generator(device=device).manual_seed(seed * 0x9E3779B1 + 0x632BE5AB * (stream + 1))
+    g = generator(seed, 0x632BE5AB * (stream + 1), device)
     buckets = torch.randint(0, dim, (size,), generator=g, device=device)
     signs = torch.randint(0, 2, (size,), generator=g, device=device) * 2 - 1
     return buckets, signs
@@ -140,7 +145,7 @@ def kronecker_sketch(delta: Tensor, inputs: Tensor, dim: int, seed: int, stream:
     b = ⌊dim/a⌋), the rest zero."""
     a = max(1, math.isqrt(dim))
     b = dim // a
-    g = torch.Generator(device=delta.device).manual_seed(seed * 0x9E3779B1 + 0x2545F491 * (stream + 1))
+    g = generator(seed, 0x2545F491 * (stream + 1), delta.device)
     out_side = torch.randn(delta.shape[-1], a, generator=g, device=delta.device).to(delta.dtype) / math.sqrt(a)
     in_side = torch.randn(inputs.shape[-1], b, generator=g, device=delta.device).to(delta.dtype) / math.sqrt(b)
     product = torch.einsum("nksa,nsb->nkab", delta @ out_side, inputs @ in_side).flatten(2)

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import shutil
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -308,15 +309,25 @@ def _commit(tmp: Path, f: h5py.File, path: Path) -> None:
     os.replace(tmp, path)
 
 
+SIDE_FILE_ROOM = 32  # bytes the side files add to a name: `.<name>.rank<r>-of-<w>.partial`, `.<name>.lock`
+
+
 def check_target(path: str | os.PathLike, *, overwrite: bool) -> None:
-    """Refuse an output path that is a directory, exists (without overwrite) or has no directory."""
+    """Refuse an output path that is a directory, exists (without overwrite), has no directory, or whose name leaves
+    no room for its side files (`partial_path`, `shard_path`, `_writer_lock`) in the file system's name limit."""
     path = Path(path)
-    if path.is_dir():
-        raise BadInputError(f"{path} is a directory")
-    if path.exists() and not overwrite:
-        raise BadInputError(f"{path} exists; pass --overwrite to replace it")
-    if not path.parent.is_dir():
-        raise BadInputError(f"{path.parent}: no such directory")
+    try:
+        if path.is_dir():
+            raise BadInputError(f"{path} is a directory")
+        if path.exists() and not overwrite:
+            raise BadInputError(f"{path} exists; pass --overwrite to replace it")
+        if not path.parent.is_dir():
+            raise BadInputError(f"{path.parent}: no such directory")
+        longest = os.pathconf(path.parent, "PC_NAME_MAX") - SIDE_FILE_ROOM
+    except OSError as error:
+        raise BadInputError(f"{path}: {error.strerror}") from None
+    if len(os.fsencode(path.name)) > longest:
+        raise BadInputError(f"{path}: file name too long (at most {longest} bytes)")
 
 
 @contextmanager
@@ -406,8 +417,22 @@ def update_run(path: str | os.PathLike) -> Iterator[h5py.File]:
     """
     path = Path(path)
     open_run(path).close()
-    with _writer_lock(path):
+    with _writer_lock(path), _h5py_errors_as_bad_input(path):
         yield from _update(path)
+
+
+@contextmanager
+def _h5py_errors_as_bad_input(path: Path) -> Iterator[None]:
+    """Report h5py's KeyError (a dataset that a reader needs is missing) and OSError (a corrupt chunk, a failed write)
+    as bad input naming the file; the same errors from elsewhere are left alone."""
+    try:
+        yield
+    except (KeyError, OSError) as exc:
+        frames = list(traceback.walk_tb(exc.__traceback__))
+        if not frames or not frames[-1][0].f_globals.get("__name__", "").startswith("h5py"):
+            raise
+        what = "damaged run file" if isinstance(exc, KeyError) else "cannot read or write the run file"
+        raise BadInputError(f"{path}: {what} ({_reason(exc)})") from exc
 
 
 def _update(path: Path) -> Iterator[h5py.File]:
