@@ -10,7 +10,9 @@ Parameters are split per layer between exact methods (Novak et al. 2022):
   outer products Σ_s δ_s a_sᵀ over its sites s (positions × calls: a layer applied twice has two
   sites), δ_s = ∂o/∂z_s (K × d_out) the gradient at the layer output and a_s (d_in) its input
   (a Conv2d patch). A bias adds a constant 1 to a_s. Such a layer is described by δ (K, S, d_out)
-  and ã (S, d_in + bias) and never forms its P-sized gradient.
+  and ã (S, d_in + bias) and never forms its P-sized gradient. When S² makes its Gram dearer than the
+  dense one (many positions), the layer is **formed** instead: its gradient Σ_s δ_s ã_sᵀ is formed
+  directly from δ and ã by one batched product, without jacrev, and joins the dense columns.
 - **lookup** (`nn.Embedding`): a factorised layer whose input is the one-hot e_{i_s} of the token
   index i_s, so its weight gradient Σ_s δ_s e_{i_s}ᵀ (V × d) has the rows i_s only. It is described
   by δ (K, S, d) and the indices i (S,), never by one-hot vectors.
@@ -18,8 +20,8 @@ Parameters are split per layer between exact methods (Novak et al. 2022):
   γ ⊙ x̂_s + β at every site (position) s, with x̂ recomputed from the input by the module's own
   normalisation, so the gradients ∂o/∂γ = Σ_s δ_s ⊙ x̂_s and ∂o/∂β = Σ_s δ_s (K × channels) are
   formed directly, without jacrev, and join the dense columns.
-- **dense** (every other parameter, and factorisable layers or lookups whose S² makes the structure
-  dearer): the per-sample Jacobian (K, P_dense) by `torch.func.jacrev`.
+- **dense** (every other parameter, and lookups whose S² makes the structure dearer): the per-sample
+  Jacobian (K, P_dense) by `torch.func.jacrev`.
 
 δ is obtained with the output-perturbation trick: z_s ← z_s + ε_s with ε = 0, and δ = ∂o/∂ε.
 """
@@ -84,12 +86,13 @@ class TangentPlan:
 
     `params` holds every selected parameter in `named_parameters()` order (shared tensors once);
     it fixes the global coordinate order of θ used by projections. `dense` lists, in that order, the
-    parameters whose gradients are columns of `Factors.dense`: those of `jacobian` and of `affines`.
+    parameters whose gradients are columns of `Factors.dense`: those of `jacobian`, `formed` and `affines`.
     """
 
     params: dict[str, Tensor]
     dense: tuple[str, ...]
-    layers: tuple[Layer, ...]
+    layers: tuple[Layer, ...]  # factorised
+    formed: tuple[Layer, ...]  # factorisable, but their gradients are formed: Σ_s δ_s ã_sᵀ
     lookups: tuple[Lookup, ...]
     affines: tuple[Affine, ...]
     fixed: dict[str, Tensor]  # unselected parameters and buffers, passed as they are
@@ -104,14 +107,14 @@ class TangentPlan:
 
     @property
     def jacobian(self) -> tuple[str, ...]:
-        """The dense parameters differentiated by jacrev (the affine ones are formed from δ and x̂)."""
-        formed = {name for affine in self.affines for name in (affine.weight, affine.bias)}
+        """The dense parameters differentiated by jacrev (those of `formed` and `affines` are formed from δ)."""
+        formed = {name for module in (*self.formed, *self.affines) for name in (module.weight, module.bias)}
         return tuple(name for name in self.dense if name not in formed)
 
     @property
     def structured(self) -> tuple[Layer | Lookup | Affine, ...]:
-        """Every module whose output gradient δ is taken: the layers, then the lookups, then the affines."""
-        return (*self.layers, *self.lookups, *self.affines)
+        """Every module whose output gradient δ is taken: the layers, the formed layers, the lookups, the affines."""
+        return (*self.layers, *self.formed, *self.lookups, *self.affines)
 
     def offsets(self) -> dict[str, int]:
         """Offset of each parameter's first coordinate in θ (flattened, `params` order)."""
@@ -267,7 +270,8 @@ def plan_tangents(
 
     Only a module whose parameters belong to it alone is structured; with K outputs and S sites per sample,
     it is when its Gram costs no more per pair of samples than the dense one (K·(its P)):
-    - Linear/Conv2d (factorised): S²(K·d_out + d_in) ≤ K·d_out·d_in;
+    - Linear/Conv2d (factorised): S²(K·d_out + d_in) ≤ K·d_out·d_in, else formed (Σ_s δ_s ã_sᵀ by one batched
+      product, the flops of jacrev's per-sample weight gradient without its batched-convolution overhead);
     - Embedding (lookup): S²(K·d + 1) ≤ K·V·d, the δ Gram and one index comparison per pair of sites;
     - normalisation (affine): always, since both ways give the same K × channels columns of γ and β from the same
       backward pass, δ ⊙ x̂ summed over sites instead of jacrev's vector-Jacobian products through γ ⊙ x̂ + β.
@@ -301,7 +305,7 @@ def plan_tangents(
     finally:
         counter.remove()
     outputs = _output_map(logits[0], output).shape[0]
-    layers, lookups, affines = [], [], []
+    layers, formed, lookups, affines = [], [], [], []
     for name, module in candidates.items():
         calls = record[name]
         if not calls:
@@ -319,14 +323,15 @@ def plan_tangents(
                 lookups.append(Lookup(name, weight, module.num_embeddings, width, sites, shapes))
         else:
             d_in = calls[0][0].shape[1]
-            if sites**2 * (outputs * width + d_in) <= outputs * width * d_in:
-                layers.append(Layer(name, weight, bias, d_in, width, sites, shapes))
+            factorised = sites**2 * (outputs * width + d_in) <= outputs * width * d_in
+            (layers if factorised else formed).append(Layer(name, weight, bias, d_in, width, sites, shapes))
     own = {n for layer in layers for n in (layer.weight, layer.bias) if n} | {lookup.weight for lookup in lookups}
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     return TangentPlan(
         params=params,
         dense=tuple(n for n in params if n not in own),
         layers=tuple(layers),
+        formed=tuple(formed),
         lookups=tuple(lookups),
         affines=tuple(affines),
         fixed={n: t.detach() for n, t in state.items() if n not in params},
@@ -353,23 +358,42 @@ def tangent_factors(model: nn.Module, plan: TangentPlan, x: Tensor) -> Factors:
         return _output_map(logits[0], plan.output), tuple(tuple(s for s, _ in record[m]) for m in structured)
 
     (jac_free, jac_eps), calls = vmap(jacrev(outputs, argnums=(0, 1), has_aux=True), (None, 0, 0))(free, eps, x)
-    n_layers, first_affine = len(plan.layers), len(plan.layers) + len(plan.lookups)
-    deltas = tuple(
-        torch.cat([_by_site(structured[s.module], d, 2) for d in call_deltas], dim=2)
+    first_affine = len(plan.structured) - len(plan.affines)
+    deltas = [
+        _joined([_by_site(structured[s.module], d, 2) for d in call_deltas], dim=2)
         for s, call_deltas in zip(plan.structured[:first_affine], jac_eps[:first_affine], strict=True)
-    )
-    sites = tuple(torch.cat(site_calls, dim=1) for site_calls in calls[:first_affine])
+    ]
+    sites = [_joined(site_calls, dim=1) for site_calls in calls[:first_affine]]
     columns = {name: jac_free[name].reshape(n, k, -1) for name in free}
     for affine, delta, x_hat in zip(plan.affines, jac_eps[first_affine:], calls[first_affine:], strict=True):
         columns |= _affine_columns(structured[affine.module], affine, delta, x_hat)
+    layers, formed = len(plan.layers), len(plan.layers) + len(plan.formed)
+    for layer, delta, a in zip(plan.formed, deltas[layers:formed], sites[layers:formed], strict=True):
+        columns |= _formed_columns(layer, delta, a)
     dense = [columns[name] for name in plan.dense]
     return Factors(
         dense=torch.cat(dense, dim=2) if dense else x.new_zeros((n, k, 0), dtype=plan.dtype),
-        deltas=deltas[:n_layers],
-        inputs=tuple(_augment(layer, a) for layer, a in zip(plan.layers, sites[:n_layers], strict=True)),
-        lookup_deltas=deltas[n_layers:],
-        indices=sites[n_layers:],
+        deltas=tuple(deltas[:layers]),
+        inputs=tuple(_augment(layer, a) for layer, a in zip(plan.layers, sites[:layers], strict=True)),
+        lookup_deltas=tuple(deltas[formed:]),
+        indices=tuple(sites[formed:]),
     )
+
+
+def _joined(calls: Sequence[Tensor], dim: int) -> Tensor:
+    """The sites of every call along `dim`; one call's as they are (a view in the layout the backward left)."""
+    return torch.cat(list(calls), dim=dim) if len(calls) > 1 else calls[0]
+
+
+def _formed_columns(layer: Layer, delta: Tensor, a: Tensor) -> dict[str, Tensor]:
+    """∂o/∂W = Σ_s δ_s a_sᵀ (n, K, d_out·d_in) and ∂o/∂b = Σ_s δ_s (n, K, d_out) of a formed layer's selected weight
+    and bias, from δ (n, K, S, d_out) and a (n, S, d_in)."""
+    columns = {}
+    if layer.weight:
+        columns[layer.weight] = torch.einsum("nkso,nsi->nkoi", delta, a).flatten(2)
+    if layer.bias:
+        columns[layer.bias] = delta.sum(2)
+    return columns
 
 
 def _affine_columns(

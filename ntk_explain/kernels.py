@@ -28,6 +28,7 @@ from ntk_explain.projections import (
     SKETCHES,
     Projection,
     count_sketch,
+    fft_dims,
     hashes,
     kronecker_sketch,
     lookup_sketch,
@@ -56,9 +57,27 @@ def _indices(how: str, pairwise: bool) -> tuple[str, str, str]:
 
 
 def feature_gram(a: Tensor, b: Tensor | None, how: str) -> Tensor:
-    """Inner products of features a (n, K, X) with b (m, K, X) → (n, m, …); b None: self (n, …)."""
+    """Inner products of features a (n, K, X) with b (m, K, X) → (n, m, …); b None: self (n, …). The trace Gram of
+    a with itself (b is a) is `symmetric_gram` of a (n, K·X)."""
+    if b is a and how == "trace":
+        return symmetric_gram(a.flatten(1))
     right, right_class, out = _indices(how, b is not None)
     return torch.einsum(f"nkx,{right}{right_class}x->{out}", a, a if b is None else b)
+
+
+def symmetric_gram(x: Tensor, leaf: int = 256) -> Tensor:
+    """x xᵀ (n, n) for x (n, X): halves recursively down to `leaf` rows, computing the diagonal blocks and one
+    off-diagonal block of each split and mirroring the other (5/8 of one product's flops at n = 4·leaf)."""
+    n = x.shape[0]
+    if n <= leaf:
+        return x @ x.T
+    half = n // 2
+    out = x.new_empty((n, n))
+    out[:half, :half] = symmetric_gram(x[:half], leaf)
+    out[half:, half:] = symmetric_gram(x[half:], leaf)
+    out[:half, half:] = x[:half] @ x[half:].T
+    out[half:, :half] = out[:half, half:].T
+    return out
 
 
 def _site_gram(delta_a: Tensor, delta_b: Tensor | None, sites: Tensor, how: str) -> Tensor:
@@ -162,9 +181,10 @@ def _runs(values: list[int]) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], len(values)], strict=True))
 
 
-def sketch_dims(plan: TangentPlan, dim: int, energies: list[float] | None = None) -> list[int]:
+def sketch_dims(plan: TangentPlan, dim: int, energies: list[float] | None = None, fft: bool = False) -> list[int]:
     """The share of d of each sketched group (the generic one, if any: the dense parameters and the lookups; then
-    every factorised layer): in proportion to the groups' `energies` when given, else to their sizes.
+    every factorised layer): in proportion to the groups' `energies` when given, else to their sizes; with `fft`
+    (a tensorsketch), the layers' shares are fast FFT sizes (`fft_dims`).
 
     A sketch of group l with d_l dimensions estimates ⟨g_l, g_l'⟩ with variance ~ ‖g_l‖²‖g_l'‖²/d_l, so
     Σ_l E_l²/d_l under Σ d_l = d is least for d_l ∝ E_l, the group's share of the self-kernel (`sketch_energies`).
@@ -176,7 +196,8 @@ def sketch_dims(plan: TangentPlan, dim: int, energies: list[float] | None = None
             layer.out_features * (layer.in_features * bool(layer.weight) + bool(layer.bias)) for layer in plan.layers
         ]
         energies = ([generic] if generic else []) + sizes
-    return split_dims(dim, [max(e, 1e-30) for e in energies])
+    dims = split_dims(dim, [max(e, 1e-30) for e in energies])
+    return fft_dims(dims, spare=len(dims) > len(plan.layers)) if fft else dims
 
 
 def sketch_energies(factors: Factors) -> list[float]:
@@ -198,7 +219,11 @@ def sketch(plan: TangentPlan, factors: Factors, projection: Projection) -> Tenso
     TensorSketch (or Kronecker projection) of every factorised layer's Σ_s δ_s ã_sᵀ, each into its own share of d
     (`projection.shares`, or `sketch_dims` by size), concatenated."""
     layer_sketch = tensor_sketch if projection.kind == "tensorsketch" else kronecker_sketch
-    dims = list(projection.shares) if projection.shares else sketch_dims(plan, projection.dim)
+    dims = (
+        list(projection.shares)
+        if projection.shares
+        else sketch_dims(plan, projection.dim, fft=projection.kind == "tensorsketch")
+    )
     parts = []
     if _generic(factors):
         size = factors.dense.shape[-1]
@@ -210,7 +235,8 @@ def sketch(plan: TangentPlan, factors: Factors, projection: Projection) -> Tenso
         parts.append(generic)
     for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
         parts.append(layer_sketch(delta, inputs, dims[len(parts)], projection.seed, stream))
-    return torch.cat(parts, dim=-1)
+    features = torch.cat(parts, dim=-1)
+    return torch.nn.functional.pad(features, (0, projection.dim - features.shape[-1]))  # dimensions `fft_dims` left
 
 
 def mirror(block: Tensor) -> Tensor:
@@ -259,7 +285,7 @@ def kernel_blocks(
         for c0, c1 in (cols or rows).bounds:
             if cols is None and c0 < r0:
                 continue
-            block = gram(a, (cols or rows).get(c0, c1), how)
+            block = gram(a, a if cols is None and c0 == r0 else (cols or rows).get(c0, c1), how)
             yield slice(r0, r1), slice(c0, c1), block
             if cols is None and c0 != r0:
                 yield slice(c0, c1), slice(r0, r1), mirror(block)

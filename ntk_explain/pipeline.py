@@ -206,7 +206,8 @@ def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget
     kept = k * dense + sum(layer.sites * (k * layer.out_features + layer.in_features + 1) for layer in plan.layers)
     kept += sum(lookup.sites * (k * lookup.features + 1) for lookup in plan.lookups)
     sites = max((s.sites for s in (*plan.layers, *plan.lookups)), default=1)
-    work = 2 * (k + 1) * plan.activation_numel + 2 * kept
+    formed = sum(layer.sites * (k * layer.out_features + layer.in_features) for layer in plan.formed)  # δ and a
+    work = 2 * (k + 1) * plan.activation_numel + 2 * kept + formed
     attrs = {"n_params": plan.n_params, "outputs": k, "factorised": [layer.module for layer in plan.layers] or [""]}
     if not spec.projected:
         return Featurizer(
@@ -220,7 +221,8 @@ def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget
     projection = Projection(spec.projection, spec.proj_dim, spec.seed)
     if spec.projection in SKETCHES:
         with torch.no_grad():
-            dims = sketch_dims(plan, spec.proj_dim, sketch_energies(tangent_factors(model, plan, probe)))
+            energies = sketch_energies(tangent_factors(model, plan, probe))
+            dims = sketch_dims(plan, spec.proj_dim, energies, fft=spec.projection == "tensorsketch")
         projection = replace(projection, shares=tuple(dims))
         attrs.update(sketch_dims=dims, sketch_probe=len(probe))
     block_numel = max(1, budget.bytes // (8 * itemsize))

@@ -118,6 +118,25 @@ def split_dims(dim: int, sizes: list[int]) -> list[int]:
     return dims
 
 
+def fft_dims(dims: list[int], spare: bool) -> list[int]:
+    """Sketch shares with fast FFT sizes: each share (after the first when `spare`) rounded down to a 3-smooth size
+    2^a·3^b (an FFT of a size with a large prime factor is up to 10× slower), then, largest share first, raised to
+    the next 3-smooth size as far as the dimensions so freed allow. What is left goes to the first share when
+    `spare` (a CountSketch, of any size), else stays unused (zero features)."""
+    first = int(spare)
+    bits = (2 * max(dims)).bit_length()  # some 2^a lies in (d, 2d]
+    sizes = sorted(2**a * 3**b for a in range(bits) for b in range(bits) if 2**a * 3**b <= 2 * max(dims))
+    sized = dims[:first] + [max(size for size in sizes if size <= d) for d in dims[first:]]
+    left = sum(dims) - sum(sized)
+    for i in sorted(range(first, len(dims)), key=lambda i: -dims[i]):
+        bigger = min(size for size in sizes if size > sized[i])
+        if bigger - sized[i] <= left:
+            left, sized[i] = left - (bigger - sized[i]), bigger
+    if spare:
+        sized[0] += left
+    return sized
+
+
 def hashes(seed: int, stream: int, size: int, dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """A CountSketch [size] → [dim]: buckets and ±1 signs, drawn from (seed, stream)."""
     g = generator(seed, 0x632BE5AB * (stream + 1), device)

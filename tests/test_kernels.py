@@ -7,9 +7,9 @@ import torch
 
 from ntk_explain import pipeline, store
 from ntk_explain.gradients import penultimate, plan_tangents, tangent_factors
-from ntk_explain.kernels import project, sketch_dims
+from ntk_explain.kernels import project, sketch_dims, symmetric_gram
 from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel
-from ntk_explain.projections import Projection, hashes, split_dims
+from ntk_explain.projections import Projection, fft_dims, hashes, split_dims
 from tests import reference
 from tests.models import MODELS
 
@@ -57,13 +57,23 @@ def test_exact_kernels_match_jacrev(tmp_path, name, kind):
 
 
 def test_structured_layers_are_chosen_per_layer():
-    """Linear and the one-site conv are factorised; convs with many sites use Jacobian contraction."""
+    """Linear and the one-site conv are factorised; convs with many sites are formed (Σ_s δ_s ã_sᵀ, dense columns
+    without jacrev); a layer applied twice is factorised with K = 3 outputs, formed with K = 1 (pseudo)."""
     cnn = MODELS["cnn"][0]()
     plan = plan_tangents(cnn, data("cnn", 1, 0)[0])
     assert [layer.module for layer in plan.layers] == ["6", "9"]
-    assert {"0.weight", "1.weight", "3.weight", "4.bias"} <= set(plan.dense)
+    assert [(layer.module, layer.sites) for layer in plan.formed] == [("0", 16), ("3", 4)]
+    assert {"0.weight", "1.weight", "3.weight", "4.bias"} <= set(plan.dense) and plan.jacobian == ()
     twice = plan_tangents(MODELS["twice"][0](), data("twice", 1, 0)[0])
     assert [(layer.module, layer.sites) for layer in twice.layers] == [("inner", 2), ("head", 1)]
+    pseudo = plan_tangents(MODELS["twice"][0](), data("twice", 1, 0)[0], "pseudo")
+    assert [layer.module for layer in pseudo.layers] == ["head"]
+    assert [(layer.module, layer.sites) for layer in pseudo.formed] == [("inner", 2)]
+
+
+def test_symmetric_gram_is_the_product():
+    x = torch.randn(11, 5, dtype=torch.float64)
+    assert rel(symmetric_gram(x, leaf=2), x @ x.T) < 1e-15
 
 
 @pytest.mark.parametrize("output", ["logits", "pseudo"])
@@ -88,10 +98,10 @@ def test_embeddings_and_normalisations_are_structured_unless_shared(output):
         ("rms", 8, None),
         ("joint", 24, None),
     ]
-    assert normed.jacobian == ("proj.weight", "proj.bias")  # 3 sites: dearer factorised
+    assert [layer.module for layer in normed.formed] == ["proj"] and normed.jacobian == ()  # 3 sites: formed
     grouped = plan("grouped")
     assert [a.module for a in grouped.affines] == ["1", "6"]
-    assert grouped.jacobian == ("0.weight", "0.bias", "3.weight", "3.bias")  # 16 and 4 sites: dense convs
+    assert [layer.module for layer in grouped.formed] == ["0", "3"]  # 16 and 4 sites: formed convs
     bag = plan("bag")
     assert [(e.module, e.rows, e.features, e.sites) for e in bag.lookups] == [("embed", 48, 5, 6)]
     assert "embed.weight" not in bag.dense
@@ -103,13 +113,18 @@ def test_embeddings_and_normalisations_are_structured_unless_shared(output):
     assert not tied.lookups and not tied.layers and tied.jacobian == ("embed.weight", "head.bias")
 
 
-def test_params_glob_restricts_the_kernel(tmp_path):
-    model = MODELS["mlp"][0]()
-    train, test = data("mlp", 6, 0), data("mlp", 3, 1)
-    got, attrs = computed(tmp_path, model, KernelSpec("trace", params=("5.*", "1.bias")), train, test)
-    names = ("1.bias", "5.weight", "5.bias")
+@pytest.mark.parametrize(
+    ("name", "names", "count"),
+    [("mlp", ("1.bias", "5.weight", "5.bias"), 8 + 8 * 3 + 3), ("cnn", ("0.bias", "3.weight"), 4 + 6 * 4 * 2 * 2)],
+    ids=["factorised", "formed"],
+)
+def test_params_glob_restricts_the_kernel(tmp_path, name, names, count):
+    """A weight or a bias alone of a factorised (mlp) or formed (the cnn's convs) layer."""
+    model = MODELS[name][0]()
+    train, test = data(name, 6, 0), data(name, 3, 1)
+    got, attrs = computed(tmp_path, model, KernelSpec("trace", params=names), train, test)
     j_train, j_test = reference.jacobian(model, train, names), reference.jacobian(model, test, names)
-    assert attrs["n_params"] == j_train.shape[2] == 8 + 8 * 3 + 3
+    assert attrs["n_params"] == j_train.shape[2] == count
     assert rel(got["test_train"], reference.kernel(j_test, j_train, "trace")) < TOL
 
 
@@ -245,13 +260,13 @@ def test_exported_program_kernel(tmp_path):
 
 def _sketched(name: str, kind: str, seed: int) -> tuple:
     """Plan and factors of 3 samples of test model `name`, their d = 40 sketch by `kind`, its size-shared dimensions
-    and, by definition, the sketch of its generic group (None when it has none)."""
+    (fast FFT sizes for a tensorsketch) and, by definition, the sketch of its generic group (None when it has none)."""
     model = MODELS[name][0]()
     x = data(name, 3, 0)
     plan = plan_tangents(model, x[0])
     factors = tangent_factors(model, plan, x)
     got = project(plan, factors, Projection(kind, 40, seed=seed), block_numel=0)
-    dims = sketch_dims(plan, 40)
+    dims = sketch_dims(plan, 40, fft=kind == "tensorsketch")
     generic = _generic_sketch(plan, factors, seed, dims[0]) if plan.dense or plan.lookups else None
     return plan, factors, got, dims, generic
 
@@ -274,12 +289,29 @@ def _generic_sketch(plan, factors, seed: int, dim: int) -> torch.Tensor:
     return sketch
 
 
+def test_fft_dims_are_3_smooth_and_use_what_they_free():
+    """The MLP's energy shares at d = 4096 (sizes 11·163, 2·7·83, 7·163: FFTs 5–10× slower than 3-smooth ones)."""
+    assert fft_dims([1793, 1162, 1141], spare=False) == [1728, 1296, 1024]  # 48 unused: no share fits them
+    assert fft_dims([487, 2726, 883], spare=True) == [532, 2592, 972]  # the generic share takes what is left
+    for dims in ([1, 2, 5], [40], [7, 300, 13, 97]):
+        sized = fft_dims(dims, spare=False)
+        assert all(_three_smooth(size) for size in sized) and sum(dims) - min(dims) < sum(sized) <= sum(dims)
+
+
+def _three_smooth(size: int) -> bool:
+    for prime in (2, 3):
+        while size % prime == 0:
+            size //= prime
+    return size == 1
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_tensorsketch_is_the_sketch_of_each_layer_gradient(name):
     """FFT path vs the definition: TS(G)_b = Σ_{(h₁(o) + h₂(i)) mod d = b} s₁(o) s₂(i) G_oi, G = Σ_s δ_s ã_sᵀ;
     the generic group (dense parameters, embeddings) by a CountSketch of its gradients."""
     plan, factors, got, dims, generic = _sketched(name, "tensorsketch", seed=7)
-    assert got.shape == (3, plan.outputs, 40) and sum(dims) == 40
+    assert got.shape == (3, plan.outputs, 40)
+    assert sum(dims) == 40 if generic is not None else sum(dims) <= 40
     parts = [] if generic is None else [generic]
     for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
         d = dims[len(parts)]
@@ -291,7 +323,7 @@ def test_tensorsketch_is_the_sketch_of_each_layer_gradient(name):
         layer = torch.zeros(*gradient.shape[:2], d, dtype=torch.float64)
         layer.index_add_(2, bucket.flatten(), (gradient * sign).flatten(2))
         parts.append(layer)
-    assert rel(got, torch.cat(parts, dim=-1)) < 1e-12
+    assert rel(got, torch.nn.functional.pad(torch.cat(parts, dim=-1), (0, 40 - sum(dims)))) < 1e-12
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -405,5 +437,7 @@ def test_sketch_dimensions_follow_gradient_energy(tmp_path, kind):
         float(reference.jacobian(model, train, (f"{layer}.weight", f"{layer}.bias")).square().sum())
         for layer in (1, 3, 5)
     ]
-    assert list(attrs["sketch_dims"]) == split_dims(300, energies) and attrs["sketch_probe"] == 10
+    expected = split_dims(300, energies)
+    assert list(attrs["sketch_dims"]) == (fft_dims(expected, spare=False) if kind == "tensorsketch" else expected)
+    assert attrs["sketch_probe"] == 10
     assert list(attrs["sketch_dims"]) != split_dims(300, [6 * 8 + 8, 8 * 8 + 8, 8 * 3 + 3])  # not by size
