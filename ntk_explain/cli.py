@@ -328,8 +328,7 @@ def run_compute(
                 store.join_shards(out, shards, overwrite=overwrite)
             distributed.barrier(shard)
     except KeyboardInterrupt:
-        kept = store.partial_path(written)
-        raise KeyboardInterrupt(f"the partial run is kept in {kept}; --resume continues it") from None
+        raise _kept(written) from None
     finally:
         distributed.stop(shard)
     summary["seconds"] = round(time.perf_counter() - started, 3)
@@ -466,25 +465,36 @@ def run_attribute(
     device: str = "auto",
     max_memory: str | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Fit the surrogate on a run file's kernel and add attribution and faithfulness to it."""
+    """Fit the surrogate on a run file's kernel and add attribution and faithfulness to it. An interrupt keeps the
+    partial copy of the run file; `resume` continues it."""
     if not alpha > 0:
         raise UsageError("--alpha must be positive")
     torch_device = resolve_device(device)
     budget = Budget(torch_device, memory_budget(torch_device, max_memory))
     spec = SurrogateSpec(surrogate, alpha, target, normalize, class_weight == "balanced", fit_on)
-    with _progress_bar(quiet) as bar:
-        return attribute_run(
-            str(run),
-            kernel,
-            spec,
-            budget,
-            top_k=top_k,
-            all_classes=all_classes,
-            overwrite=overwrite,
-            progress=RichProgress(bar),
-        )
+    try:
+        with _progress_bar(quiet) as bar:
+            return attribute_run(
+                str(run),
+                kernel,
+                spec,
+                budget,
+                top_k=top_k,
+                all_classes=all_classes,
+                overwrite=overwrite,
+                resume=resume,
+                progress=RichProgress(bar),
+            )
+    except KeyboardInterrupt:
+        raise _kept(run) from None
+
+
+def _kept(path: Path) -> KeyboardInterrupt:
+    """The interrupt of a resumable command, naming the partial file it keeps."""
+    return KeyboardInterrupt(f"the partial run is kept in {store.partial_path(path)}; --resume continues it")
 
 
 def _metrics_table(metrics: dict, distilled: dict | None = None) -> Table:
@@ -528,6 +538,9 @@ def attribute(
     device: Device = "auto",
     max_memory: MaxMemory = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing surrogate and attribution groups.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the partial run that an interrupted or killed attribute of RUN left.")
+    ] = False,
     quiet: Quiet = False,
     as_json: Json = False,
     debug: Debug = False,
@@ -549,6 +562,7 @@ def attribute(
         device=device,
         max_memory=max_memory,
         overwrite=overwrite,
+        resume=resume,
         quiet=quiet,
     )
     if as_json:
@@ -646,7 +660,7 @@ def _distill_target(out: Path, inputs: Inputs, overwrite: bool) -> Iterator[h5py
                 write_data(run, split, dataset, network_logits(inputs.net, dataset.x, inputs.budget))
             yield run
         return
-    with store.update_run(out) as run:
+    with store.update_run(out) as (run, _):
         for key in ("model_sha256", "weights_sha256"):
             if run.attrs.get(key) != inputs.attrs[key]:
                 raise BadInputError(f"{out} was made with another model or weights; distil into a new --out")

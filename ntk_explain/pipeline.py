@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Protocol
 
 import h5py
@@ -760,6 +760,7 @@ def _kernel_rows(group: h5py.Group, split: str, start: int, stop: int, normalize
 
 def _stream_attribution(
     out: h5py.Group,
+    fitted: h5py.Group,
     kernel: h5py.Group,
     split: str,
     surrogate: KernelGLM | KernelRidge,
@@ -770,18 +771,26 @@ def _stream_attribution(
     all_classes: bool,
     progress: Progress,
 ) -> np.ndarray:
-    """Scores, top-k proponents and opponents of the <split>×train rows, block by block; returns s (M, C)."""
+    """Scores, top-k proponents and opponents of the <split>×train rows, and the surrogate's logits on them
+    (/surrogate/logits_<split>), block by block, each block checkpointed on `scores`; blocks an interrupted run
+    checkpointed (in the block size it recorded) are not computed again. Returns the logits s (M, C)."""
     m, n = kernel[f"{split}_train"].shape
     classes = surrogate.b_.shape[0]
     k = min(top_k, n)
-    scores = store.create_rows(out, "scores", (m, n), np.float64, (split, "train"))
+    # about eight block-sized float64 temporaries: the read, normalisation, scores and their copies for writing
+    rows = max(1, min(m, budget.bytes // (8 * n * (8 + (classes if all_classes else 0)))))
+    if "scores" in out:
+        rows = int(out["scores"].attrs["tile"])
+    tiling = _tiling(rows, m)
+    scores = _rows_dataset(out, "scores", (m, n), np.float64, (split, "train"), tiling, 1)
+    scores.attrs["tile"] = rows
     by_class = (
-        store.create_rows(out, "scores_all", (m, n, classes), np.float64, (split, "train", "class"))
+        _rows_dataset(out, "scores_all", (m, n, classes), np.float64, (split, "train", "class"), tiling, 1)
         if all_classes
         else None
     )
     extreme_sets = [
-        store.create_rows(out, key, (m, k), dtype, (split, "rank"))
+        _rows_dataset(out, key, (m, k), dtype, (split, "rank"), tiling, 1)
         for key, dtype in (
             ("topk_index", np.int64),
             ("topk_score", np.float64),
@@ -789,37 +798,47 @@ def _stream_attribution(
             ("opp_score", np.float64),
         )
     ]
-    logits = np.empty((m, classes))
-    # about eight block-sized float64 temporaries: the read, normalisation, scores and their copies for writing
-    rows = max(1, min(m, budget.bytes // (8 * n * (8 + (classes if all_classes else 0)))))
+    logits = _rows_dataset(fitted, f"logits_{split}", (m, classes), np.float64, (split, "class"), tiling, 1)
+    done = store.tiles_done(scores)
     progress.start(f"/attribution {split}×train", m)
-    for start in range(0, m, rows):
+    for index, start in enumerate(range(0, m, rows)):
         stop = min(m, start + rows)
-        block = torch.from_numpy(_kernel_rows(kernel, split, start, stop, spec.normalize)).double().to(budget.device)
-        logits[start:stop] = surrogate.decision_function(block).cpu().numpy()
-        values = attribution_scores(block, surrogate.W_, surrogate.b_, predicted[start:stop].to(budget.device))
-        scores[start:stop] = values.cpu().numpy()
-        if by_class is not None:
-            by_class[start:stop] = all_class_scores(block, surrogate.W_, surrogate.b_).cpu().numpy()
-        for dataset, value in zip(extreme_sets, extremes(values, k), strict=True):
-            dataset[start:stop] = value.cpu().numpy()
+        if index >= done:
+            block = _kernel_rows(kernel, split, start, stop, spec.normalize)
+            block = torch.from_numpy(block).double().to(budget.device)
+            logits[start:stop] = surrogate.decision_function(block).cpu().numpy()
+            values = attribution_scores(block, surrogate.W_, surrogate.b_, predicted[start:stop].to(budget.device))
+            scores[start:stop] = values.cpu().numpy()
+            if by_class is not None:
+                by_class[start:stop] = all_class_scores(block, surrogate.W_, surrogate.b_).cpu().numpy()
+            for dataset, value in zip(extreme_sets, extremes(values, k), strict=True):
+                dataset[start:stop] = value.cpu().numpy()
+            store.checkpoint(scores, index + 1)
         progress.advance(stop - start)
-    store.write_array(out, "class", predicted.numpy(), (split,))
+    if "class" not in out:
+        store.write_array(out, "class", predicted.numpy(), (split,))
     store.set_attrs(out, {"orientation": f"({split}, train)", "class": "network prediction", "top_k": k})
-    return logits
+    return logits[()]
 
 
-def _write_surrogate(
-    run: h5py.Group, surrogate: KernelGLM | KernelRidge, kernel: Tensor, logits: np.ndarray, split: str, attrs: dict
-) -> None:
-    """/surrogate: W (C, N), b (C,), logits on train and on the explained set, and how it was fitted."""
+def _start_surrogate(run: h5py.Group, surrogate: KernelGLM | KernelRidge, attrs: dict) -> h5py.Group:
+    """/surrogate: W (C, N), b (C,) and how it was fitted, flushed: an interrupted attribute resumes from them."""
     group = run.create_group("surrogate")
     store.write_array(group, "W", surrogate.W_.cpu().numpy(), ("class", "train"))
     store.write_array(group, "b", surrogate.b_.cpu().numpy(), ("class",))
-    store.write_array(group, "logits_train", surrogate.decision_function(kernel).cpu().numpy(), ("train", "class"))
-    if split == "test":
-        store.write_array(group, "logits_test", logits, ("test", "class"))
     store.set_attrs(group, attrs)
+    run.file.flush()
+    group.attrs["fitted"] = True  # after the rest is on disk (removed when the attribute is done)
+    run.file.flush()
+    return group
+
+
+def _restored(spec: SurrogateSpec, group: h5py.Group, device: torch.device) -> tuple[KernelGLM | KernelRidge, dict]:
+    """The surrogate that an interrupted attribute fitted and stored in /surrogate, and the attributes of its fit."""
+    surrogate = KernelRidge(spec.alpha) if spec.kind == "ridge" else KernelGLM(spec.alpha, spec.balanced)
+    surrogate.W_ = torch.from_numpy(group["W"][()]).to(device)
+    surrogate.b_ = torch.from_numpy(group["b"][()]).to(device)
+    return surrogate, {key: value for key, value in store.attrs_dict(group).items() if key != "fitted"}
 
 
 def _write_faithfulness(run: h5py.Group, metrics: dict, split: str, name: str) -> None:
@@ -839,6 +858,7 @@ def attribute_run(
     top_k: int = 10,
     all_classes: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     progress: Progress | None = None,
 ) -> dict:
     """Fit the surrogate on /kernel/<name>, write /surrogate, /attribution and /faithfulness.
@@ -849,55 +869,78 @@ def attribute_run(
     to the support's labels (fit_on="support") or, with the support as its basis, to the network on all N training
     points through the stored N×m kernel (fit_on="train"); its groups go under /distill, beside the full-data ones,
     and its faithfulness also holds the reduction N/m and the kernel alignments with the full-data predictor.
+
+    An interrupt keeps the partial copy of the run file; `resume` continues it (the same request): the stored fit
+    is reused and the row blocks already checkpointed are kept, giving the numbers of an uninterrupted run.
     """
     progress = progress or Silent()
-    with store.update_run(path) as run:
+    request = {"kernel": requested, **asdict(spec), "top_k": top_k, "all_classes": all_classes}
+    with store.update_run(path, request=request, resume=resume) as (run, resumed):
         name = kernel_name(run, requested)
         group = run[f"kernel/{name}"]
         distilled = run["distill"] if group.attrs.get("support") == "distill" else None
         parent = distilled if distilled is not None else run
+        # resumed: the groups are the interrupted run's (it removed earlier ones), kept when its fit was stored
+        fitted = resumed and "surrogate" in parent and bool(parent["surrogate"].attrs.get("fitted", False))
         existing = [g for g in ("surrogate", "attribution", "faithfulness") if g in parent]
-        if existing and not overwrite:
+        if existing and not overwrite and not resumed:
             where = f"{parent.name.rstrip('/')}/{existing[0]}"
             raise BadInputError(f"{path} already has {where}; pass --overwrite to replace it")
         for g in existing:
-            del parent[g]
+            if not (fitted and g in ("surrogate", "attribution")):
+                del parent[g]
         if distilled is None and spec.fit_on == "train":
             raise UsageError("--fit-on train applies to a distilled support: add --kernel distilled")
         on_train = distilled is not None and spec.fit_on == "train"
         if on_train and spec.kind != "kglm":
             raise UsageError("--fit-on train fits the kGLM: drop --surrogate ridge")
-        kernel = _train_kernel(group, spec.normalize, budget, "full" if on_train else "train")
-        surrogate = _fit(spec, kernel, run["data/train"], None if on_train else distilled, budget.device, progress)
         split = "test" if "test_train" in group else "train"
         if distilled is not None and split != "test":
             raise BadInputError("a distilled support is explained on a test set: distil with --test")
+        kernel = _train_kernel(group, spec.normalize, budget, "full" if on_train else "train")
+        if fitted:
+            surrogate, fit = _restored(spec, parent["surrogate"], budget.device)
+        else:
+            surrogate = _fit(spec, kernel, run["data/train"], None if on_train else distilled, budget.device, progress)
+            fit = _fit_attrs(spec, surrogate, name, distilled is not None, on_train)
+            _start_surrogate(parent, surrogate, fit)
         explained = run[f"data/{split}"]
         nn_logits = explained["nn_logits"][()]
         predicted = torch.from_numpy(nn_logits.argmax(1))
-        out = parent.create_group("attribution")
+        out = parent.require_group("attribution")
         logits = _stream_attribution(
-            out, group, split, surrogate, predicted, spec, budget, top_k, all_classes, progress
+            out, parent["surrogate"], group, split, surrogate, predicted, spec, budget, top_k, all_classes, progress
         )
         out.attrs["kernel"] = name
-        if distilled is not None and not on_train:
-            target = "distilled labels" if spec.kind == "ridge" else "distilled classes"
-        else:
-            target = "logits" if spec.kind == "ridge" else spec.target
-        fit = {
-            "kind": spec.kind,
-            "alpha": spec.alpha,
-            "target": target,
-            "kernel": name,
-            "normalize": spec.normalize,
-            "class_weight": "balanced" if spec.balanced else "none",
-            **({"fit_on": spec.fit_on} if distilled is not None else {}),
-        }
-        if isinstance(surrogate, KernelGLM):
-            fit.update(loss=surrogate.loss_, n_iter=surrogate.n_iter_, converged=surrogate.converged_)
-        _write_surrogate(parent, surrogate, kernel, logits, split, fit)
+        if split == "test":
+            parent["surrogate"].pop("logits_train", None)  # an interrupted run may have written it
+            train_logits = surrogate.decision_function(kernel).cpu().numpy()
+            store.write_array(parent["surrogate"], "logits_train", train_logits, ("train", "class"))
+        del parent["surrogate"].attrs["fitted"]
         metrics = faithfulness(nn_logits, logits, explained["labels"][()])
         if distilled is not None:
             metrics.update({key: distilled.attrs.get(key, np.nan) for key in DISTILL_METRICS})
         _write_faithfulness(parent, metrics, split, name)
     return {"kernel": name, "split": split, "surrogate": fit, "faithfulness": metrics}
+
+
+def _fit_attrs(
+    spec: SurrogateSpec, surrogate: KernelGLM | KernelRidge, name: str, distilled: bool, on_train: bool
+) -> dict:
+    """/surrogate's attributes: how it was fitted, and to what."""
+    if distilled and not on_train:
+        target = "distilled labels" if spec.kind == "ridge" else "distilled classes"
+    else:
+        target = "logits" if spec.kind == "ridge" else spec.target
+    fit = {
+        "kind": spec.kind,
+        "alpha": spec.alpha,
+        "target": target,
+        "kernel": name,
+        "normalize": spec.normalize,
+        "class_weight": "balanced" if spec.balanced else "none",
+        **({"fit_on": spec.fit_on} if distilled else {}),
+    }
+    if isinstance(surrogate, KernelGLM):
+        fit.update(loss=surrogate.loss_, n_iter=surrogate.n_iter_, converged=surrogate.converged_)
+    return fit

@@ -380,6 +380,8 @@ def _resumable(tmp: Path, attrs: Mapping[str, Any]) -> h5py.File:
     computation."""
     with _open_hdf5(tmp, "r") as f:
         _validate(f, tmp)
+        if "update" in f.attrs:
+            raise BadInputError(f"cannot resume: the partial file {tmp} is an interrupted update (attribute --resume)")
         differ = [key for key in RESUME_KEYS if _py(f.attrs.get(key)) != _py(_attr_value(attrs.get(key)))]
     if differ:
         raise BadInputError(
@@ -409,16 +411,23 @@ def _create(path: Path, attrs: Mapping[str, Any], resumable: bool, resume: bool)
 
 
 @contextmanager
-def update_run(path: str | os.PathLike) -> Iterator[h5py.File]:
-    """Add to an existing run file atomically: yields a writable copy, renamed onto ``path`` on success.
+def update_run(
+    path: str | os.PathLike, *, request: Mapping[str, Any] | None = None, resume: bool = False
+) -> Iterator[tuple[h5py.File, bool]]:
+    """Add to an existing run file atomically: yields a writable copy under `partial_path(path)` (root attribute
+    complete=False until it is done) and whether it is a resumed one; the copy is renamed onto ``path`` on success.
 
-    On any exception the copy is deleted and the original file is left unchanged; another process writing the
-    same file at the time is refused (`_writer_lock`).
+    On an exception the copy is deleted and the original file is left unchanged, except that the copy of a
+    resumable update, one given the ``request`` it answers (the options its numbers depend on, recorded with the
+    original's size and modification time as the root attribute `update`), is kept on an interrupt. With ``resume``
+    such a copy is reopened instead of made again, provided it answers the same request on the same file (else
+    BadInputError, the copy unchanged). Another process writing the same file at the time is refused
+    (`_writer_lock`).
     """
     path = Path(path)
     open_run(path).close()
     with _writer_lock(path), _h5py_errors_as_bad_input(path):
-        yield from _update(path)
+        yield from _update(path, request, resume)
 
 
 @contextmanager
@@ -435,17 +444,40 @@ def _h5py_errors_as_bad_input(path: Path) -> Iterator[None]:
         raise BadInputError(f"{path}: {what} ({_reason(exc)})") from exc
 
 
-def _update(path: Path) -> Iterator[h5py.File]:
+def _update(path: Path, request: Mapping[str, Any] | None, resume: bool) -> Iterator[tuple[h5py.File, bool]]:
     tmp = partial_path(path)
-    f = None
+    status = os.stat(path)
+    update = json.dumps({"request": request, "source": [status.st_size, status.st_mtime_ns]}, default=str)
+    f = _resumed_update(tmp, update) if resume and request is not None and tmp.exists() else None
+    resumed = f is not None
     try:
-        shutil.copyfile(path, tmp)
-        f = h5py.File(tmp, "r+", rdcc_nbytes=CACHE_BYTES)
-        yield f
+        if f is None:
+            shutil.copyfile(path, tmp)
+            f = h5py.File(tmp, "r+", rdcc_nbytes=CACHE_BYTES)
+            f.attrs["complete"] = False
+            if request is not None:
+                f.attrs["update"] = update
+        yield f, resumed
+        f.attrs.pop("update", None)
+        f.attrs["complete"] = True
         _commit(tmp, f, path)
-    except BaseException:
-        _discard(tmp, f)
+    except BaseException as error:
+        if request is not None and isinstance(error, KeyboardInterrupt):
+            _keep(f)
+        else:
+            _discard(tmp, f)
         raise
+
+
+def _resumed_update(tmp: Path, update: str) -> h5py.File:
+    """The kept copy `tmp` of an interrupted update open for writing, after checking (read-only) that it answers
+    the same request on the same run file."""
+    with _open_hdf5(tmp, "r") as f:
+        kept = _py(f.attrs.get("update", ""))
+    if kept != update:
+        what = "answers other options or an earlier run file" if kept else "is an interrupted compute's"
+        raise BadInputError(f"cannot resume: the partial file {tmp} {what}; run again without --resume")
+    return _open_hdf5(tmp, "r+")
 
 
 def shard_path(path: str | os.PathLike, rank: int, world: int) -> Path:

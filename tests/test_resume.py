@@ -1,5 +1,6 @@
-"""Interrupted computes and `--resume` (SPEC §6): a compute killed at seeded random points (SIGKILL, no cleanup) or
-stopped by SIGTERM resumes to kernels `np.array_equal` to an uninterrupted run's, in float64.
+"""Interrupted computes and attributes and `--resume` (SPEC §6): a compute killed at seeded random points (SIGKILL, no
+cleanup) or stopped by SIGTERM resumes to kernels `np.array_equal` to an uninterrupted run's, in float64; an
+attribute, to the same surrogate, attribution and faithfulness.
 
 The runs are real processes; a small driver counts the run file's dataset writes and flushes and kills its own
 process at the k-th one, so the kill points are reproducible.
@@ -77,6 +78,11 @@ def _compute(cwd: Path, config: str, at: int = 0, sig: str = "SIGKILL", resume: 
         *CONFIGS[config],
         *(["--resume"] if resume else []),
     ]
+    return _driven(cwd, args, at, sig)
+
+
+def _driven(cwd: Path, args: list[str], at: int, sig: str) -> tuple[int, str]:
+    """`ntk-explain ARGS` in `cwd` under DRIVER: its exit code and stderr."""
     done = subprocess.run(
         [sys.executable, "-c", DRIVER, str(at), sig, *args],
         cwd=cwd,
@@ -176,3 +182,63 @@ def test_resume_with_other_options_is_refused_and_keeps_the_partial(tmp_path: Pa
     assert stderr.strip().splitlines()[0].startswith("error: cannot resume: the partial run") and "params" in stderr
     assert partial.read_bytes() == before and not (cwd / "run.h5").exists()
     os.remove(partial)
+
+
+def _attribute(cwd: Path, at: int = 0, sig: str = "SIGKILL", resume: bool = False, kernel: str = "trace") -> tuple:
+    # 26 kB: the 40×40 float64 fit kernel fits, explained rows stream in blocks of 7 (with --all-classes)
+    args = ["attribute", "run.h5", "--kernel", kernel, "--device", "cpu", "--max-memory", "26000", "--all-classes"]
+    return _driven(cwd, [*args, "--json", *(["--resume"] if resume else [])], at, sig)
+
+
+def _attribution(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        groups = [f[name] for name in ("surrogate", "attribution", "faithfulness")]
+        return {ds.name: ds[()] for group in groups for ds in group.values()} | {
+            f"{group.name}:{key}": value for group in groups for key, value in store.attrs_dict(group).items()
+        }
+
+
+def _with_run(cwd: Path, reference: Reference) -> Path:
+    cwd.mkdir()
+    shutil.copy(reference.data.parent / "run.h5", cwd / "run.h5")
+    return cwd
+
+
+def test_attribute_killed_or_stopped_then_resumed_gives_the_same_attribution(tmp_path: Path, reference) -> None:
+    """Killed at seeded points (the fit, the row blocks, the end), the run file stays as it was; --resume gives the
+    surrogate, scores and metrics of an uninterrupted attribute. SIGTERM keeps an incomplete partial (exit 130);
+    resuming it with other options is refused and keeps it."""
+    cwd = _with_run(tmp_path / "whole", reference["exact"])
+    code, stderr = _attribute(cwd)
+    assert code == 0, stderr
+    expected, total = _attribution(cwd / "run.h5"), _calls(stderr)
+    with h5py.File(cwd / "run.h5", "r") as f:
+        scores = f["attribution/scores"]
+        assert scores.attrs["tiles_done"] == -(-scores.shape[0] // scores.attrs["tile"]) > 1  # several row blocks
+    source = (reference["exact"].data.parent / "run.h5").read_bytes()
+    skipped = []
+    for at in sorted(np.random.default_rng(7).choice(np.arange(2, total), 3, replace=False)):
+        cwd = _with_run(tmp_path / f"kill{at}", reference["exact"])
+        assert _attribute(cwd, at=int(at))[0] == -signal.SIGKILL
+        assert (cwd / "run.h5").read_bytes() == source
+        code, stderr = _attribute(cwd, resume=True)
+        assert code == 0, stderr
+        got = _attribution(cwd / "run.h5")
+        assert got.keys() == expected.keys()
+        assert all(np.array_equal(got[key], value) for key, value in expected.items()), at
+        assert not store.partial_path(cwd / "run.h5").exists()
+        skipped.append(total - _calls(stderr))
+    assert max(skipped) > 0, skipped  # some resumes kept the fit or row blocks
+    cwd = _with_run(tmp_path / "term", reference["exact"])
+    code, stderr = _attribute(cwd, at=total // 2, sig="SIGTERM")
+    assert code == 130 and stderr.startswith("interrupted: the partial run is kept in"), stderr
+    partial = store.partial_path(cwd / "run.h5")
+    with h5py.File(partial, "r") as f:
+        assert not f.attrs["complete"] and "update" in f.attrs
+    before = partial.read_bytes()
+    code, stderr = _attribute(cwd, resume=True, kernel="pseudo")
+    assert code == 3 and "answers other options" in stderr, stderr
+    assert partial.read_bytes() == before and (cwd / "run.h5").read_bytes() == source
+    code, stderr = _attribute(cwd, resume=True)
+    assert code == 0, stderr
+    assert all(np.array_equal(_attribution(cwd / "run.h5")[key], value) for key, value in expected.items())

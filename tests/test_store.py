@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def test_create_run_failure_with_overwrite_keeps_original(tmp_path):
 
 def test_update_run_adds_groups(tmp_path):
     path = _make_run(tmp_path / "run.h5")
-    with store.update_run(path) as f:
+    with store.update_run(path) as (f, _):
         store.write_array(f.create_group("surrogate"), "b", np.zeros(3), ("class",))
     with store.open_run(path) as f:
         assert "surrogate/b" in f and "data/train/labels" in f
@@ -130,7 +131,7 @@ def test_a_second_writer_is_refused(tmp_path):
     and the lock is gone once the first is done."""
     path = _make_run(tmp_path / "run.h5")
     before = path.read_bytes()
-    with store.update_run(path) as f:
+    with store.update_run(path) as (f, _):
         store.write_array(f.create_group("surrogate"), "b", np.zeros(3), ("class",))
         with pytest.raises(BadInputError, match="another process"), store.update_run(path):
             pass
@@ -146,11 +147,48 @@ def test_a_second_writer_is_refused(tmp_path):
 def test_update_run_failure_keeps_original(tmp_path, exc):
     path = _make_run(tmp_path / "run.h5")
     before = path.read_bytes()
-    with pytest.raises(exc), store.update_run(path) as f:
+    with pytest.raises(exc), store.update_run(path) as (f, _):
         store.write_array(f.create_group("surrogate"), "b", np.zeros(3), ("class",))
         del f["data"]
         raise exc("boom")
     assert path.read_bytes() == before
+    assert _dir_listing(tmp_path) == ["run.h5"]
+
+
+def test_an_interrupted_update_with_a_request_is_kept_and_resumed_by_it_alone(tmp_path):
+    """The copy of a resumable update survives an interrupt (complete=False), and only the same request on the same
+    file reopens it: not another request, not a compute's resume, not after the run file changed."""
+    path = _make_run(tmp_path / "run.h5")
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt), store.update_run(path, request={"a": 1}) as (f, resumed):
+        assert not resumed
+        store.write_array(f.create_group("surrogate"), "b", np.arange(3.0), ("class",))
+        raise KeyboardInterrupt
+    partial = store.partial_path(path)
+    kept = partial.read_bytes()
+    with h5py.File(partial, "r") as f:
+        assert not f.attrs["complete"] and "surrogate/b" in f
+    assert path.read_bytes() == before
+    with (
+        pytest.raises(BadInputError, match="answers other options"),
+        store.update_run(path, request={"a": 2}, resume=True),
+    ):
+        pass
+    with (
+        pytest.raises(BadInputError, match="interrupted update"),
+        store.create_run(path, overwrite=True, attrs=_attrs(), resumable=True, resume=True),
+    ):
+        pass
+    status = path.stat()
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))  # as if the run file were rewritten
+    with pytest.raises(BadInputError, match="earlier run file"), store.update_run(path, request={"a": 1}, resume=True):
+        pass
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert partial.read_bytes() == kept
+    with store.update_run(path, request={"a": 1}, resume=True) as (f, resumed):
+        assert resumed and f["surrogate/b"][()].tolist() == [0.0, 1.0, 2.0]
+    with store.open_run(path) as f:
+        assert f.attrs["complete"] and "update" not in f.attrs and "surrogate/b" in f
     assert _dir_listing(tmp_path) == ["run.h5"]
 
 
@@ -280,7 +318,7 @@ def test_read_kernel_errors(tmp_path):
         store.read_kernel(path, "trace")
     with pytest.raises(BadInputError, match="unknown kernel block"):
         store.read_kernel(path, "trace", block="test_test")
-    with store.update_run(path) as f:
+    with store.update_run(path) as (f, _):
         g = f.create_group("kernel/trace")
         store.set_attrs(g, {"complete": False})
         store.write_array(g, "train_train", np.zeros((2, 2)), ("train", "train"))
@@ -319,7 +357,7 @@ def test_newer_format_version_refused(tmp_path):
 
 def test_summarize_and_info_table(tmp_path):
     path = _make_run(tmp_path / "run.h5")
-    with store.update_run(path) as f:
+    with store.update_run(path) as (f, _):
         g = f.create_group("kernel/trace")
         store.set_attrs(g, {"kernel": "trace", "projection": "gaussian", "proj_dim": 128, "complete": True})
         store.write_array(g, "train_train", np.zeros((5, 5), np.float32), ("train", "train"))
