@@ -254,7 +254,8 @@ def quality_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
         if args.kind != "trak":  # warm-up (TRAK's cost is its R, drawn for every batch anyway)
             features(x[:WARMUP_N])
         result: list[Tensor] = []
-        times = timed(lambda: result.append(features(x)), device, args.repeats)
+        # best of 5 for the fast methods: a call takes tens of milliseconds, where one run is noise
+        times = timed(lambda: result.append(features(x)), device, max(args.repeats, 5), stop_after=2.0)
     phi = result[-1].double().cpu().numpy()
     factors = tangent_factors(model, plan, x)
     exact = gram(factors, factors, "trace").double().cpu().numpy()
@@ -268,7 +269,7 @@ def quality_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
             model.zero_grad()
             model(x[s : s + args.tile]).sum().backward()
 
-    plain = timed(forward_backward, device, 3)
+    plain = timed(forward_backward, device, 20)  # best of 20: one pass over N rows takes milliseconds
     return {
         "worker": "quality",
         "device": str(device),

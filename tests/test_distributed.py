@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ntk_explain import store
-from tests.test_cli import _env
+from tests.test_cli import _env, float64_cnn_compute
 
 CONFIGS = {
     "exact": ["--kernel", "trace,pseudo"],
@@ -34,25 +34,8 @@ def _run(cwd: Path, args: list[str], ranks: int) -> None:
 
 
 def _compute(out: str, config: str) -> list[str]:
-    return [
-        "compute",
-        "--model",
-        "tests.models:cnn",
-        "--train",
-        "data.npz",
-        "--test",
-        "data.npz",
-        "--n-test",
-        "20",
-        "--out",
-        out,
-        "--dtype",
-        "float64",
-        "--batch-size",
-        "8",  # 5 train and 3 test row tiles: rank 0 computes 3 and 2 of them, rank 1 the others
-        "--quiet",
-        *CONFIGS[config],
-    ]
+    # --n-test 20 in 8-row tiles: 5 train and 3 test row tiles; rank 0 computes 3 and 2 of them, rank 1 the others
+    return float64_cnn_compute(out, "--n-test", "20", "--quiet", *CONFIGS[config])
 
 
 @pytest.mark.parametrize("config", CONFIGS)

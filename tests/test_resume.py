@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from ntk_explain import store
-from tests.test_cli import _env
+from tests.test_cli import _env, float64_cnn_compute
 
 N_TRAIN, N_TEST = 40, 12
 CONFIGS = {  # two kernels through the factor tiles; one through stored projected features
@@ -60,24 +60,7 @@ finally:
 
 
 def _compute(cwd: Path, config: str, at: int = 0, sig: str = "SIGKILL", resume: bool = False) -> tuple[int, str]:
-    args = [
-        "compute",
-        "--model",
-        "tests.models:cnn",
-        "--train",
-        "data.npz",
-        "--test",
-        "data.npz",
-        "--out",
-        "run.h5",
-        "--dtype",
-        "float64",
-        "--batch-size",
-        "8",
-        "--json",
-        *CONFIGS[config],
-        *(["--resume"] if resume else []),
-    ]
+    args = float64_cnn_compute("run.h5", "--json", *CONFIGS[config], *(["--resume"] if resume else []))
     return _driven(cwd, args, at, sig)
 
 
