@@ -493,8 +493,9 @@ def run_attribute(
 
 
 def _kept(path: Path) -> KeyboardInterrupt:
-    """The interrupt of a resumable command, naming the partial file it keeps."""
-    return KeyboardInterrupt(f"the partial run is kept in {store.partial_path(path)}; --resume continues it")
+    """The interrupt of a resumable command, naming the partial file it keeps (if it got as far as making one)."""
+    partial = store.partial_path(path)
+    return KeyboardInterrupt(f"the partial run is kept in {partial}; --resume continues it" if partial.exists() else "")
 
 
 def _metrics_table(metrics: dict, distilled: dict | None = None) -> Table:
