@@ -208,7 +208,12 @@ def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget
     sites = max((s.sites for s in (*plan.layers, *plan.lookups)), default=1)
     formed = sum(layer.sites * (k * layer.out_features + layer.in_features) for layer in plan.formed)  # δ and a
     work = 2 * (k + 1) * plan.activation_numel + 2 * kept + formed
-    attrs = {"n_params": plan.n_params, "outputs": k, "factorised": [layer.module for layer in plan.layers] or [""]}
+    attrs = {
+        "n_params": plan.n_params,
+        "outputs": k,
+        "factorised": [layer.module for layer in plan.layers] or [""],
+        "formed": [layer.module for layer in plan.formed] or [""],
+    }
     if not spec.projected:
         return Featurizer(
             featurize=lambda x: tangent_factors(model, plan, x),

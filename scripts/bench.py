@@ -250,6 +250,14 @@ def quality_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
             return trak_features(model, xs, args.dim, args.tile)
         return torch.cat([ours.featurize(xs[s : s + args.tile]).dense[:, 0] for s in range(0, len(xs), args.tile)])
 
+    def forward_backward() -> None:
+        for s in range(0, args.n, args.tile):
+            model.zero_grad()
+            model(x[s : s + args.tile]).sum().backward()
+
+    # best of 10 passes before the method and 10 after: one pass over N rows takes milliseconds, and the same pass
+    # measured after another method's allocations alone varied by 2× between processes
+    plain = timed(forward_backward, device, 10)
     with torch.no_grad():
         if args.kind != "trak":  # warm-up (TRAK's cost is its R, drawn for every batch anyway)
             features(x[:WARMUP_N])
@@ -264,12 +272,7 @@ def quality_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
     cosine_approx = cosine_normalize(approx, approx.diagonal(), approx.diagonal())
     error = np.linalg.norm(cosine_approx - cosine_exact) / np.linalg.norm(cosine_exact)
 
-    def forward_backward() -> None:
-        for s in range(0, args.n, args.tile):
-            model.zero_grad()
-            model(x[s : s + args.tile]).sum().backward()
-
-    plain = timed(forward_backward, device, 20)  # best of 20: one pass over N rows takes milliseconds
+    plain += timed(forward_backward, device, 10)
     return {
         "worker": "quality",
         "device": str(device),

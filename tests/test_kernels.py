@@ -125,6 +125,8 @@ def test_params_glob_restricts_the_kernel(tmp_path, name, names, count):
     got, attrs = computed(tmp_path, model, KernelSpec("trace", params=names), train, test)
     j_train, j_test = reference.jacobian(model, train, names), reference.jacobian(model, test, names)
     assert attrs["n_params"] == j_train.shape[2] == count
+    layers = [list(attrs[how]) for how in ("factorised", "formed")]  # the modules of the selected parameters
+    assert layers == ([["1", "5"], [""]] if name == "mlp" else [[""], ["0", "3"]])
     assert rel(got["test_train"], reference.kernel(j_test, j_train, "trace")) < TOL
 
 
