@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
 import torch
@@ -339,6 +339,20 @@ def plan_tangents(
         output=output,
         dtype=logits.dtype,
         activation_numel=activation_numel,
+    )
+
+
+def formed_up_to(plan: TangentPlan, entries: int) -> TangentPlan:
+    """The plan with every factorised layer whose gradient Σ_s δ_s ã_sᵀ takes no more than `entries` multiply-adds
+    to form (S·d_out·d_in') formed instead, its gradient a dense column block."""
+    small = {layer.module for layer in plan.layers if layer.sites * layer.out_features * layer.in_features <= entries}
+    layers = tuple(layer for layer in plan.layers if layer.module not in small)
+    own = {n for layer in layers for n in (layer.weight, layer.bias) if n} | {lookup.weight for lookup in plan.lookups}
+    return replace(
+        plan,
+        dense=tuple(name for name in plan.params if name not in own),
+        layers=layers,
+        formed=plan.formed + tuple(layer for layer in plan.layers if layer.module in small),
     )
 
 

@@ -40,7 +40,7 @@ from ntk_explain.distillation import (
 )
 from ntk_explain.distributed import Shard
 from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
-from ntk_explain.gradients import Factors, penultimate, plan_tangents, tangent_factors
+from ntk_explain.gradients import Factors, formed_up_to, penultimate, plan_tangents, tangent_factors
 from ntk_explain.kernels import (
     KERNELS,
     Tiles,
@@ -60,6 +60,7 @@ from ntk_explain.surrogate import FeatureKernel, Kernel, KernelGLM, KernelRidge
 FEATURE_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_DIMS = {"pseudo": 4096, "trace": 10240, "diagonal": 10240, "full": 10240}
 SKETCH_PROBE = 64  # the first training rows whose gradient energies share out a sketch's dimensions
+FORMED_PER_DIM = 4  # sketches form a factorised layer whose gradient takes ≤ 4·d multiply-adds (a few FFTs of d)
 MAX_TILE = 4096  # default cap on rows per tile, so that progress is reported often enough
 TILE_ALIGN = 64
 _CLASS_DIMS = {"trace": (), "diagonal": ("class",), "full": ("class", "class")}
@@ -200,6 +201,8 @@ def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget
             attrs={},
         )
     plan = plan_tangents(model, example, output_map(spec.kernel), spec.params)
+    if spec.projection in SKETCHES:  # a small layer's gradient costs less to form than its sketch's FFTs
+        plan = formed_up_to(plan, FORMED_PER_DIM * spec.proj_dim)
     k = plan.outputs
     entries = {"trace": 1, "diagonal": k, "full": k * k}[contraction(spec.kernel)]  # per (row, column) pair
     dense = sum(plan.params[n].numel() for n in plan.dense)

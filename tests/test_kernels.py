@@ -190,10 +190,11 @@ def test_projection_columns_do_not_depend_on_the_range():
     [("mlp", None), ("bag", ("embed.weight",)), ("normed", ("norm.weight", "norm.bias", "rms.weight", "joint.weight"))],
     ids=["mlp", "embedding", "normalisations"],
 )
-def test_projected_kernels_are_unbiased(tmp_path, name, params, kind):
+def test_projected_kernels_are_unbiased(tmp_path, monkeypatch, name, params, kind):
     """The mean over 16 seeds is much closer to the exact kernel than one seed is (error ~ 1/√seeds); also for the
     kernel of an embedding alone (a lookup) and of normalisation parameters alone (affine), the sketches' generic
-    group then."""
+    group then. The test models' layers are small enough to be formed: they are sketched here."""
+    monkeypatch.setattr("ntk_explain.pipeline.FORMED_PER_DIM", 0)
     model = MODELS[name][0]()
     train, test = data(name, 6, 0), data(name, 3, 1)
     j_train = reference.jacobian(model, train, params)
@@ -429,11 +430,17 @@ def test_half_precision_features(tmp_path, dtype, stored, tolerance):
 
 
 @pytest.mark.parametrize("kind", ["tensorsketch", "kronecker"])
-def test_sketch_dimensions_follow_gradient_energy(tmp_path, kind):
+def test_sketch_dimensions_follow_gradient_energy(tmp_path, monkeypatch, kind):
     """A sketch's dimensions are shared in proportion to each layer's Σ_x ‖g_l(x)‖² over the probe rows (the first
-    training rows), computed here from the reference Jacobians of each layer's parameters."""
+    training rows), computed here from the reference Jacobians of each layer's parameters. A layer whose gradient
+    takes ≤ 4·d multiply-adds to form (all three here, by default) is formed and joins the generic CountSketch."""
     model = MODELS["mlp"][0]()
     train, test = data("mlp", 10, 0), data("mlp", 3, 1)
+    _, attrs = computed(tmp_path, model, KernelSpec("trace", kind, 300), train, test)
+    assert list(attrs["formed"]) == ["1", "3", "5"] and list(attrs["sketch_dims"]) == [300]
+    _, attrs = computed(tmp_path, model, KernelSpec("trace", kind, 12), train, test)  # 4·12 ≥ 8·6, 3·8; < 8·8
+    assert list(attrs["formed"]) == ["1", "5"] and list(attrs["factorised"]) == ["3"]
+    monkeypatch.setattr("ntk_explain.pipeline.FORMED_PER_DIM", 0)
     _, attrs = computed(tmp_path, model, KernelSpec("trace", kind, 300), train, test)
     energies = [
         float(reference.jacobian(model, train, (f"{layer}.weight", f"{layer}.bias")).square().sum())
