@@ -421,8 +421,8 @@ def update_run(
     resumable update, one given the ``request`` it answers (the options its numbers depend on, recorded with the
     original's size and modification time as the root attribute `update`), is kept on an interrupt. With ``resume``
     such a copy is reopened instead of made again, provided it answers the same request on the same file (else
-    BadInputError, the copy unchanged). Another process writing the same file at the time is refused
-    (`_writer_lock`).
+    BadInputError, the copy unchanged). The partial file that an interrupted compute of ``path`` kept is not
+    replaced (BadInputError), nor is another process writing the same file at the time (`_writer_lock`).
     """
     path = Path(path)
     open_run(path).close()
@@ -450,13 +450,16 @@ def _update(path: Path, request: Mapping[str, Any] | None, resume: bool) -> Iter
     update = json.dumps({"request": request, "source": [status.st_size, status.st_mtime_ns]}, default=str)
     f = _resumed_update(tmp, update) if resume and request is not None and tmp.exists() else None
     resumed = f is not None
+    if f is None and _interrupted_compute(tmp):
+        raise BadInputError(
+            f"{tmp} holds an interrupted compute of {path}: finish it with compute --resume or delete it"
+        )
     try:
         if f is None:
             shutil.copyfile(path, tmp)
             f = h5py.File(tmp, "r+", rdcc_nbytes=CACHE_BYTES)
             f.attrs["complete"] = False
-            if request is not None:
-                f.attrs["update"] = update
+            f.attrs["update"] = update  # marks the copy as an update's, resumable only with a request
         yield f, resumed
         f.attrs.pop("update", None)
         f.attrs["complete"] = True
@@ -467,6 +470,17 @@ def _update(path: Path, request: Mapping[str, Any] | None, resume: bool) -> Iter
         else:
             _discard(tmp, f)
         raise
+
+
+def _interrupted_compute(tmp: Path) -> bool:
+    """Whether `tmp` is a partial run file that an interrupted compute kept (an update's copy has `update`)."""
+    if not tmp.is_file():
+        return False
+    try:
+        with h5py.File(tmp, "r") as f:
+            return _py(f.attrs.get("format", "")) == FORMAT and "update" not in f.attrs
+    except _H5_ERRORS:
+        return False
 
 
 def _resumed_update(tmp: Path, update: str) -> h5py.File:

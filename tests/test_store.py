@@ -192,6 +192,18 @@ def test_an_interrupted_update_with_a_request_is_kept_and_resumed_by_it_alone(tm
     assert _dir_listing(tmp_path) == ["run.h5"]
 
 
+def test_an_update_does_not_replace_an_interrupted_compute(tmp_path):
+    """compute --overwrite of an existing run, interrupted, keeps its partial file: attribute on the old run file is
+    refused rather than copying over it."""
+    path = _make_run(tmp_path / "run.h5")
+    with pytest.raises(KeyboardInterrupt), store.create_run(path, overwrite=True, attrs=_attrs(), resumable=True):
+        raise KeyboardInterrupt
+    kept = store.partial_path(path).read_bytes()
+    with pytest.raises(BadInputError, match="interrupted compute"), store.update_run(path, request={"a": 1}):
+        pass
+    assert store.partial_path(path).read_bytes() == kept
+
+
 def test_datasets_chunked_compressed_with_dims(tmp_path):
     path = tmp_path / "run.h5"
     with store.create_run(path, overwrite=False, attrs=_attrs()) as f:
