@@ -90,7 +90,6 @@ class TangentPlan:
     """
 
     params: dict[str, Tensor]
-    dense: tuple[str, ...]
     layers: tuple[Layer, ...]  # factorised
     formed: tuple[Layer, ...]  # factorisable, but their gradients are formed: Σ_s δ_s ã_sᵀ
     lookups: tuple[Lookup, ...]
@@ -104,6 +103,12 @@ class TangentPlan:
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
+
+    @property
+    def dense(self) -> tuple[str, ...]:
+        """The parameters that are not factorised nor lookups, in `params` order."""
+        own = {n for layer in self.layers for n in (layer.weight, layer.bias)} | {e.weight for e in self.lookups}
+        return tuple(name for name in self.params if name not in own)
 
     @property
     def jacobian(self) -> tuple[str, ...]:
@@ -325,11 +330,9 @@ def plan_tangents(
             d_in = calls[0][0].shape[1]
             factorised = sites**2 * (outputs * width + d_in) <= outputs * width * d_in
             (layers if factorised else formed).append(Layer(name, weight, bias, d_in, width, sites, shapes))
-    own = {n for layer in layers for n in (layer.weight, layer.bias) if n} | {lookup.weight for lookup in lookups}
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     return TangentPlan(
         params=params,
-        dense=tuple(n for n in params if n not in own),
         layers=tuple(layers),
         formed=tuple(formed),
         lookups=tuple(lookups),
@@ -346,12 +349,9 @@ def formed_up_to(plan: TangentPlan, entries: int) -> TangentPlan:
     """The plan with every factorised layer whose gradient Σ_s δ_s ã_sᵀ takes no more than `entries` multiply-adds
     to form (S·d_out·d_in') formed instead, its gradient a dense column block."""
     small = {layer.module for layer in plan.layers if layer.sites * layer.out_features * layer.in_features <= entries}
-    layers = tuple(layer for layer in plan.layers if layer.module not in small)
-    own = {n for layer in layers for n in (layer.weight, layer.bias) if n} | {lookup.weight for lookup in plan.lookups}
     return replace(
         plan,
-        dense=tuple(name for name in plan.params if name not in own),
-        layers=layers,
+        layers=tuple(layer for layer in plan.layers if layer.module not in small),
         formed=plan.formed + tuple(layer for layer in plan.layers if layer.module in small),
     )
 

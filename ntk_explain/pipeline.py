@@ -155,8 +155,8 @@ def write_data(run: h5py.File, split: str, data: Dataset, logits: Tensor) -> Non
     store.write_array(group, "labels", data.y.numpy(), (split,))
     store.write_array(group, "index", data.index, (split,))
     store.write_array(group, "nn_logits", logits.numpy(), (split, "class"))
-    run.flush()
-    store.set_attrs(group, {"source": data.source, "sha256": data.sha256})
+    store.set_attrs(group, {"source": data.source})
+    store.mark(group, "sha256", data.sha256)
 
 
 def _tile_size(n: int, per_sample: int, per_pair: int, budget: Budget) -> int:
@@ -835,9 +835,7 @@ def _start_surrogate(run: h5py.Group, surrogate: KernelGLM | KernelRidge, attrs:
     store.write_array(group, "W", surrogate.W_.cpu().numpy(), ("class", "train"))
     store.write_array(group, "b", surrogate.b_.cpu().numpy(), ("class",))
     store.set_attrs(group, attrs)
-    run.file.flush()
-    group.attrs["fitted"] = True  # after the rest is on disk (removed when the attribute is done)
-    run.file.flush()
+    store.mark(group, "fitted", True)  # removed when the attribute is done
     return group
 
 

@@ -286,19 +286,16 @@ def partial_params(path: str | os.PathLike) -> dict | None:
         return None
 
 
-def _discard(tmp: Path, f: h5py.File | None) -> None:
+def _failed(tmp: Path, f: h5py.File | None, keep: bool) -> None:
+    """Close the partial file `tmp` of a failed write; `keep` it, flushed, for `--resume` (an interrupt of a resumable
+    write), else delete it."""
     if f is not None:
-        with contextlib.suppress(Exception):  # the original error matters more than a failing close
+        with contextlib.suppress(Exception):  # the original error matters more than a failing flush or close
+            if keep:
+                f.flush()
             f.close()
-    tmp.unlink(missing_ok=True)
-
-
-def _keep(f: h5py.File | None) -> None:
-    """Close an interrupted partial run file, keeping what it holds for `--resume`."""
-    if f is not None:
-        with contextlib.suppress(Exception):
-            f.flush()
-            f.close()
+    if not keep:
+        tmp.unlink(missing_ok=True)
 
 
 def _commit(tmp: Path, f: h5py.File, path: Path) -> None:
@@ -403,10 +400,7 @@ def _create(path: Path, attrs: Mapping[str, Any], resumable: bool, resume: bool)
         f.attrs["complete"] = True
         _commit(tmp, f, path)
     except BaseException as error:
-        if resumable and isinstance(error, KeyboardInterrupt):
-            _keep(f)
-        else:
-            _discard(tmp, f)
+        _failed(tmp, f, keep=resumable and isinstance(error, KeyboardInterrupt))
         raise
 
 
@@ -448,12 +442,12 @@ def _update(path: Path, request: Mapping[str, Any] | None, resume: bool) -> Iter
     tmp = partial_path(path)
     status = os.stat(path)
     update = json.dumps({"request": request, "source": [status.st_size, status.st_mtime_ns]}, default=str)
-    f = _resumed_update(tmp, update) if resume and request is not None and tmp.exists() else None
-    resumed = f is not None
-    if f is None and _interrupted_compute(tmp):
+    if _interrupted_compute(tmp):
         raise BadInputError(
             f"{tmp} holds an interrupted compute of {path}: finish it with compute --resume or delete it"
         )
+    f = _resumed_update(tmp, update) if resume and request is not None and tmp.exists() else None
+    resumed = f is not None
     try:
         if f is None:
             shutil.copyfile(path, tmp)
@@ -465,10 +459,7 @@ def _update(path: Path, request: Mapping[str, Any] | None, resume: bool) -> Iter
         f.attrs["complete"] = True
         _commit(tmp, f, path)
     except BaseException as error:
-        if request is not None and isinstance(error, KeyboardInterrupt):
-            _keep(f)
-        else:
-            _discard(tmp, f)
+        _failed(tmp, f, keep=request is not None and isinstance(error, KeyboardInterrupt))
         raise
 
 
@@ -489,8 +480,10 @@ def _resumed_update(tmp: Path, update: str) -> h5py.File:
     with _open_hdf5(tmp, "r") as f:
         kept = _py(f.attrs.get("update", ""))
     if kept != update:
-        what = "answers other options or an earlier run file" if kept else "is an interrupted compute's"
-        raise BadInputError(f"cannot resume: the partial file {tmp} {what}; run again without --resume")
+        raise BadInputError(
+            f"cannot resume: the partial file {tmp} answers other options or an earlier run file; run again without "
+            "--resume"
+        )
     return _open_hdf5(tmp, "r+")
 
 
@@ -613,11 +606,16 @@ def tiles_done(dataset: h5py.Dataset) -> int:
 
 
 def checkpoint(dataset: h5py.Dataset, tiles: int) -> None:
-    """Record durably that the first `tiles` row tiles of `dataset` are written: the data reach the file before the
-    marker `tiles_done` does, so a kill at any point leaves a marker that is never ahead of the data."""
-    dataset.file.flush()
-    dataset.attrs["tiles_done"] = tiles
-    dataset.file.flush()
+    """Record durably that the first `tiles` row tiles of `dataset` are written (`mark`: attribute `tiles_done`)."""
+    mark(dataset, "tiles_done", tiles)
+
+
+def mark(obj: h5py.Group | h5py.Dataset, key: str, value: Any) -> None:
+    """Set the attribute `key` of `obj` once everything written before is on disk, and flush it too: a kill at any
+    point leaves a marker that is never ahead of the data it vouches for."""
+    obj.file.flush()
+    obj.attrs[key] = value
+    obj.file.flush()
 
 
 def write_array(
