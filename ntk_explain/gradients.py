@@ -12,7 +12,8 @@ Parameters are split per layer between exact methods (Novak et al. 2022):
   (a Conv2d patch). A bias adds a constant 1 to a_s. Such a layer is described by δ (K, S, d_out)
   and ã (S, d_in + bias) and never forms its P-sized gradient. When S² makes its Gram dearer than the
   dense one (many positions), the layer is **formed** instead: its gradient Σ_s δ_s ã_sᵀ is formed
-  directly from δ and ã by one batched product, without jacrev, and joins the dense columns.
+  directly from δ and ã by one batched product (a Conv2d's by one convolution backward with the samples as groups,
+  from its input, without unfolding it), without jacrev, and joins the dense columns.
 - **lookup** (`nn.Embedding`): a factorised layer whose input is the one-hot e_{i_s} of the token
   index i_s, so its weight gradient Σ_s δ_s e_{i_s}ᵀ (V × d) has the rows i_s only. It is described
   by δ (K, S, d) and the indices i (S,), never by one-hot vectors.
@@ -23,7 +24,8 @@ Parameters are split per layer between exact methods (Novak et al. 2022):
 - **dense** (every other parameter, and lookups whose S² makes the structure dearer): the per-sample
   Jacobian (K, P_dense) by `torch.func.jacrev`.
 
-δ is obtained with the output-perturbation trick: z_s ← z_s + ε_s with ε = 0, and δ = ∂o/∂ε.
+δ is obtained with the output-perturbation trick: z_s ← z_s + ε_s with ε = 0, and δ = ∂o/∂ε, by one batched
+backward pass (one per output, vmapped) when no parameter needs jacrev, else by `vmap(jacrev)` with them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import torch
@@ -220,17 +222,29 @@ def _normalised(module: nn.Module, a: Tensor) -> Tensor:
 
 
 def _site_inputs(module: nn.Module, a: Tensor) -> Tensor:
-    """What the sites of one call contribute besides δ, from the call's input a (batch of one): the inputs a_s
-    (S_call, d_in) of a factorised layer (Conv2d patches), the rows i_s (S_call,) of a lookup, or x̂ of an affine
-    layer, in its output's own layout (1, *out), summed over sites by `_affine_columns` without reordering."""
+    """What the sites of one call contribute besides δ, from the call's input a (a batch of b): the inputs a_s
+    (b, S_call, d_in) of a Linear layer, the input a itself of a Conv2d (its patches are a_s: `_patches`), the rows
+    i_s (b, S_call) of a lookup, or x̂ of an affine layer, in its output's own layout (b, *out), summed over sites by
+    `_affine_columns` without reordering."""
     if isinstance(module, nn.Conv2d):
-        patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
-        return patches[0].T
+        return a
     if isinstance(module, nn.Linear):
-        return a.reshape(-1, module.in_features)
+        return a.reshape(a.shape[0], -1, module.in_features)
     if isinstance(module, nn.Embedding):
-        return a.reshape(-1)
+        return a.reshape(a.shape[0], -1)
     return _normalised(module, a)
+
+
+def _patches(conv: nn.Conv2d, a: Tensor) -> Tensor:
+    """The input patches a_s (b, S, C·kh·kw) of a zero-padded Conv2d for its input a (b, C, H, W), as
+    `F.unfold(a, ...).transpose(1, 2)` gives them, from kh·kw strided slices (twice as fast as unfold on CPU)."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    b, c, h, w = a.shape
+    rows, cols = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    padded = F.pad(a, (pw, pw, ph, ph))
+    offsets = [(i * dh, j * dw) for i in range(kh) for j in range(kw)]
+    shifted = [padded[:, :, i : i + sh * (rows - 1) + 1 : sh, j : j + sw * (cols - 1) + 1 : sw] for i, j in offsets]
+    return torch.stack(shifted, dim=2).reshape(b, c * kh * kw, rows * cols).transpose(1, 2)
 
 
 @contextmanager
@@ -256,7 +270,7 @@ def _instrumented(
 
 
 def _output_map(logits: Tensor, output: str) -> Tensor:
-    """o(x): the logits (K = C) or their scaled sum Σ_c f_c/√C (K = 1), for one sample."""
+    """o(x) (..., K): the logits (..., C) (K = C) or their scaled sum Σ_c f_c/√C (K = 1)."""
     if output == "pseudo":
         return logits.sum(-1, keepdim=True) / math.sqrt(logits.shape[-1])
     return logits
@@ -322,12 +336,16 @@ def plan_tangents(
         if method == "affine":
             affines.append(Affine(name, weight, bias, width, shapes))
             continue
-        sites = sum(s.shape[0] for s, _ in calls)
+        sites = sum(math.prod(shape[2:]) if isinstance(module, nn.Conv2d) else s.shape[1] for s, shape in calls)
         if method == "lookup":
             if sites**2 * (outputs * width + 1) <= outputs * module.num_embeddings * width:
                 lookups.append(Lookup(name, weight, module.num_embeddings, width, sites, shapes))
         else:
-            d_in = calls[0][0].shape[1]
+            d_in = (
+                module.in_channels * math.prod(module.kernel_size)
+                if isinstance(module, nn.Conv2d)
+                else calls[0][0].shape[2]
+            )
             factorised = sites**2 * (outputs * width + d_in) <= outputs * width * d_in
             (layers if factorised else formed).append(Layer(name, weight, bias, d_in, width, sites, shapes))
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -345,25 +363,18 @@ def plan_tangents(
     )
 
 
-def formed_up_to(plan: TangentPlan, entries: int) -> TangentPlan:
-    """The plan with every factorised layer whose gradient Σ_s δ_s ã_sᵀ takes no more than `entries` multiply-adds
-    to form (S·d_out·d_in') formed instead, its gradient a dense column block."""
-    small = {layer.module for layer in plan.layers if layer.sites * layer.out_features * layer.in_features <= entries}
-    return replace(
-        plan,
-        layers=tuple(layer for layer in plan.layers if layer.module not in small),
-        formed=plan.formed + tuple(layer for layer in plan.layers if layer.module in small),
-    )
-
-
 def tangent_factors(model: nn.Module, plan: TangentPlan, x: Tensor) -> Factors:
-    """Per-sample tangent features of the batch x (n, *input_shape), every sample independent."""
+    """Per-sample tangent features of the batch x (n, *input_shape), every sample independent.
+
+    Without Jacobian parameters, δ of every sample comes from one batched forward and backward pass (K backward
+    passes, vmapped, for K outputs): sample i's outputs depend on its input alone, so ∂Σ_i o_k(x_i)/∂z_s(x_i) is
+    δ_ks(x_i). With them, `torch.func.vmap(jacrev)` gives both, one sample at a time."""
     modules = dict(model.named_modules())
     structured = {s.module: modules[s.module] for s in plan.structured}
     free = {name: plan.params[name].detach() for name in plan.jacobian}
     held = {name: p.detach() for name, p in plan.params.items() if name not in free}
     n, k = x.shape[0], plan.outputs
-    eps = tuple(tuple(x.new_zeros((n, *shape), dtype=plan.dtype) for shape in s.call_shapes) for s in plan.structured)
+    first_affine = len(plan.structured) - len(plan.affines)
 
     def outputs(free_params: dict[str, Tensor], eps_one: tuple, x_one: Tensor) -> tuple:
         record: dict[str, list] = {}
@@ -371,27 +382,71 @@ def tangent_factors(model: nn.Module, plan: TangentPlan, x: Tensor) -> Factors:
             logits = functional_call(model, {**plan.fixed, **held, **free_params}, (x_one.unsqueeze(0),))
         return _output_map(logits[0], plan.output), tuple(tuple(s for s, _ in record[m]) for m in structured)
 
-    (jac_free, jac_eps), calls = vmap(jacrev(outputs, argnums=(0, 1), has_aux=True), (None, 0, 0))(free, eps, x)
-    first_affine = len(plan.structured) - len(plan.affines)
-    deltas = [
-        _joined([_by_site(structured[s.module], d, 2) for d in call_deltas], dim=2)
-        for s, call_deltas in zip(plan.structured[:first_affine], jac_eps[:first_affine], strict=True)
-    ]
-    sites = [_joined(site_calls, dim=1) for site_calls in calls[:first_affine]]
-    columns = {name: jac_free[name].reshape(n, k, -1) for name in free}
-    for affine, delta, x_hat in zip(plan.affines, jac_eps[first_affine:], calls[first_affine:], strict=True):
-        columns |= _affine_columns(structured[affine.module], affine, delta, x_hat)
+    if free:
+        eps = tuple(
+            tuple(x.new_zeros((n, *shape), dtype=plan.dtype) for shape in s.call_shapes) for s in plan.structured
+        )
+        (jac_free, jac_eps), calls = vmap(jacrev(outputs, argnums=(0, 1), has_aux=True), (None, 0, 0))(free, eps, x)
+        calls = [[c[:, 0] for c in module_calls] for module_calls in calls[:first_affine]] + list(calls[first_affine:])
+    else:
+        jac_free, (jac_eps, calls) = {}, _batched_deltas(model, plan, structured, held, x)
+    module_of = [structured[s.module] for s in plan.structured]
     layers, formed = len(plan.layers), len(plan.layers) + len(plan.formed)
-    for layer, delta, a in zip(plan.formed, deltas[layers:formed], sites[layers:formed], strict=True):
-        columns |= _formed_columns(layer, delta, a)
+
+    def deltas(i: int) -> Tensor:
+        return _joined([_by_site(module_of[i], d, 2) for d in jac_eps[i]], dim=2)
+
+    def sites(i: int) -> Tensor:
+        return _joined(
+            [_patches(module_of[i], a) if isinstance(module_of[i], nn.Conv2d) else a for a in calls[i]], dim=1
+        )
+
+    columns = {name: jac_free[name].reshape(n, k, -1) for name in free}
+    for i, affine in enumerate(plan.affines, start=first_affine):
+        columns |= _affine_columns(module_of[i], affine, jac_eps[i], calls[i])
+    for i, layer in enumerate(plan.formed, start=layers):
+        columns |= _formed_columns(module_of[i], layer, jac_eps[i], calls[i])
     dense = [columns[name] for name in plan.dense]
     return Factors(
         dense=torch.cat(dense, dim=2) if dense else x.new_zeros((n, k, 0), dtype=plan.dtype),
-        deltas=tuple(deltas[:layers]),
-        inputs=tuple(_augment(layer, a) for layer, a in zip(plan.layers, sites[:layers], strict=True)),
-        lookup_deltas=tuple(deltas[formed:]),
-        indices=tuple(sites[formed:]),
+        deltas=tuple(deltas(i) for i in range(layers)),
+        inputs=tuple(_augment(layer, sites(i)) for i, layer in enumerate(plan.layers)),
+        lookup_deltas=tuple(deltas(i) for i in range(formed, first_affine)),
+        indices=tuple(sites(i) for i in range(formed, first_affine)),
     )
+
+
+def _batched_deltas(
+    model: nn.Module,
+    plan: TangentPlan,
+    structured: dict[str, nn.Module],
+    params: dict[str, Tensor],
+    x: Tensor,
+) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+    """δ of every call of every structured module (n, K, 1, *out) and its site inputs (as `_site_inputs`; x̂ as
+    (n, 1, *out)), from one batched forward pass with ε = 0 added to the outputs (views of one zero, not zeros of
+    every output's size) and the backward passes of the K outputs summed over the batch; differentiable in x when x
+    requires grad (as `vmap(jacrev)` is)."""
+    graph = torch.is_grad_enabled() and x.requires_grad
+    record: dict[str, list] = {}
+    with torch.enable_grad():
+        zero = x.new_zeros((), dtype=plan.dtype, requires_grad=True)
+        n = x.shape[0]
+        eps = tuple(tuple(zero.expand(n, *shape[1:]) for shape in s.call_shapes) for s in plan.structured)
+        with _instrumented(structured, eps, record):
+            logits = functional_call(model, {**plan.fixed, **params}, (x,))
+        o = _output_map(logits, plan.output)  # (n, K)
+        k = o.shape[-1]
+        ones = torch.eye(k, dtype=o.dtype, device=o.device)[:, None, :].expand(k, *o.shape)
+        flat = [e for calls in eps for e in calls]
+        grads = torch.autograd.grad(
+            o, flat, ones if k > 1 else ones[0], create_graph=graph, is_grads_batched=k > 1, materialize_grads=True
+        )
+    grads = iter(g if k > 1 else g[None] for g in grads)  # (K, n, *out)
+    deltas = [[next(grads).movedim(0, 1)[:, :, None] for _ in calls] for calls in eps]
+    first_affine = len(plan.structured) - len(plan.affines)
+    calls = [[site if graph else site.detach() for site, _ in record[m]] for m in structured]
+    return deltas, calls[:first_affine] + [[x_hat[:, None] for x_hat in c] for c in calls[first_affine:]]
 
 
 def _joined(calls: Sequence[Tensor], dim: int) -> Tensor:
@@ -399,15 +454,31 @@ def _joined(calls: Sequence[Tensor], dim: int) -> Tensor:
     return torch.cat(list(calls), dim=dim) if len(calls) > 1 else calls[0]
 
 
-def _formed_columns(layer: Layer, delta: Tensor, a: Tensor) -> dict[str, Tensor]:
+def _formed_columns(
+    module: nn.Module, layer: Layer, deltas: Sequence[Tensor], inputs: Sequence[Tensor]
+) -> dict[str, Tensor]:
     """∂o/∂W = Σ_s δ_s a_sᵀ (n, K, d_out·d_in) and ∂o/∂b = Σ_s δ_s (n, K, d_out) of a formed layer's selected weight
-    and bias, from δ (n, K, S, d_out) and a (n, S, d_in)."""
+    and bias, the sites s running over every call: δ (n, K, 1, *out) and the call's site inputs per call."""
     columns = {}
     if layer.weight:
-        columns[layer.weight] = torch.einsum("nkso,nsi->nkoi", delta, a).flatten(2)
+        columns[layer.weight] = sum(_weight_gradient(module, d, a) for d, a in zip(deltas, inputs, strict=True))
     if layer.bias:
-        columns[layer.bias] = delta.sum(2)
+        columns[layer.bias] = sum(_by_site(module, d, 2).sum(2) for d in deltas)
     return columns
+
+
+def _weight_gradient(module: nn.Module, delta: Tensor, a: Tensor) -> Tensor:
+    """Σ_s δ_s a_sᵀ (n, K, d_out·d_in) of one call for δ (n, K, 1, *out): for a Linear layer from its inputs a
+    (n, S, d_in) by one batched product; for a Conv2d from its input a (n, C, H, W) by one convolution backward with
+    the samples as groups (the weight gradient of group i is sample i's), without forming the patches."""
+    n, k = delta.shape[:2]
+    if not isinstance(module, nn.Conv2d):
+        return torch.einsum("nkso,nsi->nkoi", _by_site(module, delta, 2), a).flatten(2)
+    grad_out = delta.reshape(1, n * k * module.out_channels, *delta.shape[-2:])
+    size = (n * k * module.out_channels, module.in_channels, *module.kernel_size)
+    flat = a.reshape(1, n * module.in_channels, *a.shape[2:])
+    grad = torch.nn.grad.conv2d_weight(flat, size, grad_out, module.stride, module.padding, module.dilation, groups=n)
+    return grad.reshape(n, k, -1)
 
 
 def _affine_columns(

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ntk_explain.gradients import Factors, TangentPlan
@@ -28,11 +29,10 @@ from ntk_explain.projections import (
     SKETCHES,
     Projection,
     count_sketch,
-    fft_dims,
     hashes,
     kronecker_sketch,
     lookup_sketch,
-    split_dims,
+    sketch_shares,
     tensor_sketch,
 )
 
@@ -130,7 +130,7 @@ def project(plan: TangentPlan, factors: Factors, projection: Projection, block_n
     about `block_numel` gradient entries and as many entries of R exist at once.
     """
     if projection.kind in SKETCHES:
-        return sketch(plan, factors, projection)
+        raise ValueError(f"{projection.kind} is a sketch: see `sketch`")
     n, k = factors.n, plan.outputs
     out = factors.dense.new_zeros((n, k, projection.dim))
     offsets = plan.offsets()
@@ -181,31 +181,70 @@ def _runs(values: list[int]) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], len(values)], strict=True))
 
 
-def sketch_dims(plan: TangentPlan, dim: int, energies: list[float] | None = None, fft: bool = False) -> list[int]:
-    """The share of d of each sketched group (the generic one, if any: the dense parameters and the lookups; then
-    every factorised layer): in proportion to the groups' `energies` when given, else to their sizes; with `fft`
-    (a tensorsketch), the layers' shares are fast FFT sizes (`fft_dims`).
+@dataclass(frozen=True)
+class SketchLayout:
+    """The groups of a sketch and their shares of d (`sketch_layout`).
 
-    A sketch of group l with d_l dimensions estimates ⟨g_l, g_l'⟩ with variance ~ ‖g_l‖²‖g_l'‖²/d_l, so
-    Σ_l E_l²/d_l under Σ d_l = d is least for d_l ∝ E_l, the group's share of the self-kernel (`sketch_energies`).
+    Groups, in order: the generic one (dense columns and lookups, when there are any), then three per factorised
+    layer. With unit directions u (d_out) and v (d_in') of the layer, its gradient G = Σ_s δ_s ã_sᵀ splits into
+    orthogonal pieces G = uuᵀG + (I − uuᵀ)Gvvᵀ + (I − uuᵀ)G(I − vvᵀ): the **rows** uᵀG (d_in'), the **columns**
+    (I − uuᵀ)Gv (d_out), each kept exactly or CountSketched, and the **rest**, TensorSketched (or Kronecker-projected)
+    from its factors ((I − uuᵀ)δ_s, (I − vvᵀ)ã_s). As the pieces are orthogonal, ⟨G, G'⟩ is the sum of theirs, so
+    features that estimate each piece's without bias estimate ⟨G, G'⟩ without bias, whatever u and v are.
     """
-    if energies is None:
-        dense = sum(plan.params[name].numel() for name in plan.dense)
-        generic = dense + sum(lookup.rows * lookup.features for lookup in plan.lookups)
-        sizes = [
-            layer.out_features * (layer.in_features * bool(layer.weight) + bool(layer.bias)) for layer in plan.layers
-        ]
-        energies = ([generic] if generic else []) + sizes
-    dims = split_dims(dim, [max(e, 1e-30) for e in energies])
-    return fft_dims(dims, spare=len(dims) > len(plan.layers)) if fft else dims
+
+    dims: tuple[int, ...]  # per group
+    exact: tuple[bool, ...]  # kept as it is (dims = its size), else sketched
+    directions: tuple[tuple[Tensor, Tensor], ...]  # (u, v) per factorised layer
+
+    @property
+    def groups(self) -> list[str]:
+        """Group names: `generic`, then `<layer>/rows`, `<layer>/columns`, `<layer>/rest` by layer number."""
+        layers = [f"{index}/{piece}" for index in range(len(self.directions)) for piece in ("rows", "columns", "rest")]
+        return ["generic"] * (len(self.dims) - len(layers)) + layers
 
 
-def sketch_energies(factors: Factors) -> list[float]:
-    """Σ_x ‖g_l(x)‖² over the samples of `factors` for every sketched group, in `sketch_dims` order."""
-    energies = [float(function(d, a, None, None, "trace").sum()) for function, d, a in _structured(factors)]
-    layers, lookups = energies[: len(factors.deltas)], energies[len(factors.deltas) :]
-    generic = float(feature_gram(factors.dense, None, "trace").sum()) + sum(lookups)
-    return ([generic] if _generic(factors) else []) + layers
+def sketch_directions(factors: Factors) -> tuple[tuple[Tensor, Tensor], ...]:
+    """Per factorised layer, the unit mean directions u = Σ δ_ks / ‖Σ δ_ks‖ and v = Σ ã_s / ‖Σ ã_s‖ over the samples,
+    outputs and sites of `factors` (0 where the sum is 0). For correlated samples (ReLU activations, shared output
+    gradients) much of each gradient lies along them."""
+    return tuple(
+        (F.normalize(delta.sum((0, 1, 2)), dim=0), F.normalize(inputs.sum((0, 1)), dim=0))
+        for delta, inputs in zip(factors.deltas, factors.inputs, strict=True)
+    )
+
+
+def _pieces(delta: Tensor, inputs: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The rows uᵀG (n, K, d_in') and columns (I − uuᵀ)Gv (n, K, d_out) of G = Σ_s δ_s ã_sᵀ for δ (n, K, S, d_out)
+    and ã (n, S, d_in'), and the factors (I − uuᵀ)δ, (I − vvᵀ)ã of the rest."""
+    along, at = delta @ u, inputs @ v  # (n, K, S), (n, S)
+    across = delta - along[..., None] * u
+    rows = torch.einsum("nks,nsi->nki", along, inputs)
+    return rows, torch.einsum("nkso,ns->nko", across, at), across, inputs - at[..., None] * v
+
+
+def sketch_layout(factors: Factors, dim: int, kind: str) -> SketchLayout:
+    """The layout of a `kind` sketch of d = `dim` from the tangent features of the probe rows: the layers' directions
+    (`sketch_directions`), then every group's energy Σ_x ‖g(x)‖² shares out d (`sketch_shares`; a group may be kept
+    exactly if it has a fixed size: the generic one without lookups, the rows, the columns)."""
+    directions = sketch_directions(factors)
+    energies, sizes, fast = [], [], []
+    if _generic(factors):
+        lookups = zip(factors.lookup_deltas, factors.indices, strict=True)
+        energies.append(
+            float(factors.dense.square().sum())
+            + sum(float(lookup_gram(d, i, None, None, "trace").sum()) for d, i in lookups)
+        )
+        sizes.append(None if factors.lookup_deltas else factors.dense.shape[-1])
+        fast.append(False)
+    for (delta, inputs), (u, v) in zip(zip(factors.deltas, factors.inputs, strict=True), directions, strict=True):
+        rows, columns, across, off = _pieces(delta, inputs, u, v)
+        rest = float(factor_gram(across, off, None, None, "trace").sum())
+        energies += [float(rows.square().sum()), float(columns.square().sum()), rest]
+        sizes += [rows.shape[-1], columns.shape[-1], None]
+        fast += [False, False, kind == "tensorsketch"]
+    dims, exact = sketch_shares(dim, energies, sizes, fast)
+    return SketchLayout(tuple(dims), tuple(exact), directions)
 
 
 def _generic(factors: Factors) -> bool:
@@ -213,30 +252,40 @@ def _generic(factors: Factors) -> bool:
     return bool(factors.dense.shape[-1] or factors.lookup_deltas)
 
 
-def sketch(plan: TangentPlan, factors: Factors, projection: Projection) -> Tensor:
-    """Sketched features (n, K, d): a CountSketch of the generic group (the dense gradients, affine parameters
-    included, plus every lookup's by `lookup_sketch`, each hashed independently into the same share) and a
-    TensorSketch (or Kronecker projection) of every factorised layer's Σ_s δ_s ã_sᵀ, each into its own share of d
-    (`projection.shares`, or `sketch_dims` by size), concatenated."""
+def sketch(plan: TangentPlan, factors: Factors, projection: Projection, layout: SketchLayout) -> Tensor:
+    """Sketched features (n, K, d), the groups of `layout` concatenated: the generic group's CountSketch (the dense
+    gradients, affine parameters included, plus every lookup's by `lookup_sketch`, each hashed independently into
+    the same share) or its columns as they are, then every factorised layer's rows and columns (each as it is or
+    CountSketched) and rest (TensorSketch or Kronecker). Group g hashes with streams 2g (and 2g + 1), lookup e with
+    2(G + e) for G groups."""
     layer_sketch = tensor_sketch if projection.kind == "tensorsketch" else kronecker_sketch
-    dims = (
-        list(projection.shares)
-        if projection.shares
-        else sketch_dims(plan, projection.dim, fft=projection.kind == "tensorsketch")
-    )
-    parts = []
+    seed, dims = projection.seed, layout.dims
+    out = factors.dense.new_zeros((factors.n, factors.dense.shape[1], projection.dim))  # the end stays 0: `fft_dims`
+    starts = [sum(dims[:group]) for group in range(len(dims))]
+
+    def share(group: int) -> Tensor:
+        return out[..., starts[group] : starts[group] + dims[group]]
+
+    def place(values: Tensor, group: int) -> None:
+        if layout.exact[group]:
+            share(group).copy_(values)
+        else:
+            count_sketch(values, *hashes(seed, 2 * group, values.shape[-1], dims[group], values.device), share(group))
+
+    first = 0
     if _generic(factors):
-        size = factors.dense.shape[-1]
-        buckets, signs = hashes(projection.seed, 0, size, dims[0], factors.dense.device)
-        generic = count_sketch(factors.dense, buckets, signs, dims[0])
+        place(factors.dense, 0)
         lookups = zip(plan.lookups, factors.lookup_deltas, factors.indices, strict=True)
-        for stream, (lookup, delta, rows) in enumerate(lookups, start=len(plan.layers) + 1):
-            generic = generic + lookup_sketch(delta, rows, lookup.rows, dims[0], projection.seed, stream)
-        parts.append(generic)
-    for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
-        parts.append(layer_sketch(delta, inputs, dims[len(parts)], projection.seed, stream))
-    features = torch.cat(parts, dim=-1)
-    return torch.nn.functional.pad(features, (0, projection.dim - features.shape[-1]))  # dimensions `fft_dims` left
+        for stream, (lookup, delta, rows) in enumerate(lookups, start=len(dims)):
+            share(0).add_(lookup_sketch(delta, rows, lookup.rows, dims[0], seed, stream))
+        first = 1
+    pieces = zip(factors.deltas, factors.inputs, layout.directions, strict=True)
+    for group, (delta, inputs, (u, v)) in zip(range(first, len(dims), 3), pieces, strict=True):
+        rows, columns, across, off = _pieces(delta, inputs, u, v)
+        place(rows, group)
+        place(columns, group + 1)
+        share(group + 2).copy_(layer_sketch(across, off, dims[group + 2], seed, group + 2))
+    return out
 
 
 def mirror(block: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ the memory budget rather than N.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -40,7 +41,7 @@ from ntk_explain.distillation import (
 )
 from ntk_explain.distributed import Shard
 from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
-from ntk_explain.gradients import Factors, formed_up_to, penultimate, plan_tangents, tangent_factors
+from ntk_explain.gradients import Factors, penultimate, plan_tangents, tangent_factors
 from ntk_explain.kernels import (
     KERNELS,
     Tiles,
@@ -49,8 +50,8 @@ from ntk_explain.kernels import (
     output_map,
     project,
     self_kernel,
-    sketch_dims,
-    sketch_energies,
+    sketch,
+    sketch_layout,
 )
 from ntk_explain.loading import Dataset
 from ntk_explain.metrics import faithfulness
@@ -59,8 +60,7 @@ from ntk_explain.surrogate import FeatureKernel, Kernel, KernelGLM, KernelRidge
 
 FEATURE_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_DIMS = {"pseudo": 4096, "trace": 10240, "diagonal": 10240, "full": 10240}
-SKETCH_PROBE = 64  # the first training rows whose gradient energies share out a sketch's dimensions
-FORMED_PER_DIM = 4  # sketches form a factorised layer whose gradient takes ≤ 4·d multiply-adds (a few FFTs of d)
+SKETCH_PROBE = 64  # the first training rows, which set a sketch's layout (directions, shares of d)
 MAX_TILE = 4096  # default cap on rows per tile, so that progress is reported often enough
 TILE_ALIGN = 64
 _CLASS_DIMS = {"trace": (), "diagonal": ("class",), "full": ("class", "class")}
@@ -187,7 +187,8 @@ class Featurizer:
 
 def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget) -> Featurizer:
     """The featurizer of `spec` for inputs like `probe` (a few samples, on the budget's device): its first sample
-    plans the tangents; for a sketch, the groups' energies on all of it share out d (`sketch_dims`)."""
+    plans the tangents; for a sketch, all of it sets the layout: the layers' directions and the groups' shares of d
+    (`sketch_layout`)."""
     example = probe[0]
     itemsize = example.element_size()
     if spec.kernel == "ck":
@@ -201,8 +202,6 @@ def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget
             attrs={},
         )
     plan = plan_tangents(model, example, output_map(spec.kernel), spec.params)
-    if spec.projection in SKETCHES:  # a small layer's gradient costs less to form than its sketch's FFTs
-        plan = formed_up_to(plan, FORMED_PER_DIM * spec.proj_dim)
     k = plan.outputs
     entries = {"trace": 1, "diagonal": k, "full": k * k}[contraction(spec.kernel)]  # per (row, column) pair
     dense = sum(plan.params[n].numel() for n in plan.dense)
@@ -229,14 +228,16 @@ def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget
     projection = Projection(spec.projection, spec.proj_dim, spec.seed)
     if spec.projection in SKETCHES:
         with torch.no_grad():
-            energies = sketch_energies(tangent_factors(model, plan, probe))
-            dims = sketch_dims(plan, spec.proj_dim, energies, fft=spec.projection == "tensorsketch")
-        projection = replace(projection, shares=tuple(dims))
-        attrs.update(sketch_dims=dims, sketch_probe=len(probe))
-    block_numel = max(1, budget.bytes // (8 * itemsize))
+            layout = sketch_layout(tangent_factors(model, plan, probe), spec.proj_dim, spec.projection)
+        attrs.update(
+            sketch_groups=layout.groups, sketch_dims=layout.dims, sketch_exact=layout.exact, sketch_probe=len(probe)
+        )
+        features = functools.partial(sketch, projection=projection, layout=layout)
+    else:
+        features = functools.partial(project, projection=projection, block_numel=max(1, budget.bytes // (8 * itemsize)))
 
     def featurize(x: Tensor) -> Factors:
-        return Factors(project(plan, tangent_factors(model, plan, x), projection, block_numel), (), ())
+        return Factors(features(plan, tangent_factors(model, plan, x)), (), ())
 
     return Featurizer(
         featurize=featurize,

@@ -14,12 +14,13 @@ unbiased too, cheaper than the FFT, and noisier at the same d.
 
 `tensorsketch` (Pham & Pagh 2013) sketches a factorised layer's gradient G = Σ_s δ_s ã_sᵀ without forming it:
 TS(G) = IFFT(Σ_s FFT(CS₁ δ_s) ⊙ FFT(CS₂ ã_s)), two independent CountSketches CS₁, CS₂ of the output and input
-sides, O(S(d_out + d_in + d log d)) per sample; E⟨TS G, TS G'⟩ = ⟨G, G'⟩. Each layer gets its own share of d.
+sides, O(S(d_out + d_in + d log d)) per sample; E⟨TS G, TS G'⟩ = ⟨G, G'⟩.
 
-Both sketch only factorised layers (`nn.Linear`, `nn.Conv2d`). The remaining parameters form one generic group with
-its own share: a CountSketch of the dense gradients (normalisation γ, β among them) plus, for every embedding, a
-CountSketch of its gradient Σ_s δ_s e_{i_s}ᵀ through the coordinates of the rows i_s it touches (`lookup_sketch`),
-hashed independently.
+Both sketch only factorised layers (`nn.Linear`, `nn.Conv2d`), and only the part of G off the layer's mean directions
+(`kernels.SketchLayout`: the rows and columns along them are kept exactly or CountSketched). The remaining parameters
+form one generic group: a CountSketch of the dense gradients (normalisation γ, β among them) plus, for every
+embedding, a CountSketch of its gradient Σ_s δ_s e_{i_s}ᵀ through the coordinates of the rows i_s it touches
+(`lookup_sketch`), hashed independently. `sketch_shares` gives every group its share of d.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ class Projection:
     kind: str
     dim: int
     seed: int = 0
-    shares: tuple[int, ...] | None = None  # sketches: the dimensions of each group (default: by size)
 
     def __post_init__(self) -> None:
         if self.kind not in PROJECTIONS[1:]:
@@ -118,25 +118,55 @@ def split_dims(dim: int, sizes: list[int]) -> list[int]:
     return dims
 
 
-def fft_dims(dims: list[int], spare: bool) -> list[int]:
-    """Sketch shares with fast FFT sizes: each share (after the first when `spare`) rounded down to a 3-smooth size
-    2^a·3^b (an FFT of a size with a large prime factor is up to 10× slower), then, largest share first, raised to
-    the next 3-smooth size as far as the dimensions so freed allow. What is left goes to the first share when
-    `spare` (a CountSketch, of any size), else stays unused (zero features)."""
-    first = int(spare)
+def fft_dims(dims: list[int], fast: list[bool], spare: int | None) -> list[int]:
+    """Shares with fast FFT sizes: each `fast` share (a TensorSketch's) rounded down to a 3-smooth size 2^a·3^b (an
+    FFT of a size with a large prime factor is up to 10× slower), then, largest first, raised to the next 3-smooth
+    size as far as the dimensions so freed allow. What is left goes to share `spare` (a CountSketch's, of any size),
+    else stays unused (zero features)."""
     bits = (2 * max(dims)).bit_length()  # some 2^a lies in (d, 2d]
     sizes = sorted(2**a * 3**b for a in range(bits) for b in range(bits) if 2**a * 3**b <= 2 * max(dims))
-    sized = dims[:first] + [max(size for size in sizes if size <= d) for d in dims[first:]]
+    sized = [max(size for size in sizes if size <= d) if quick else d for d, quick in zip(dims, fast, strict=True)]
     left = sum(dims) - sum(sized)
-    for i in sorted(range(first, len(dims)), key=lambda i: -dims[i]):
+    for i in sorted((i for i in range(len(dims)) if fast[i]), key=lambda i: -dims[i]):
         bigger = min(size for size in sizes if size > sized[i])
         if bigger - sized[i] <= left:
             left, sized[i] = left - (bigger - sized[i]), bigger
-    if spare:
-        sized[0] += left
+    if spare is not None:
+        sized[spare] += left
     return sized
 
 
+def sketch_shares(
+    dim: int, energies: list[float], sizes: list[int | None], fast: list[bool]
+) -> tuple[list[int], list[bool]]:
+    """How d is shared out among groups of coordinates with energies E_g = Σ_x ‖g(x)‖²: (dims, exact).
+
+    A group of s_g coordinates kept exactly costs s_g dimensions and adds no variance; a sketched one with d_g
+    dimensions adds variance ~ E_g²/d_g, so the sketched groups' total Σ E_g²/d_g is least, (Σ E_g)²/d_left, for
+    d_g ∝ E_g. Groups that may be kept exactly (`sizes[g]` not None) are taken greedily by energy per coordinate
+    while that lowers the bound, (E − E_g)²/(d − s_g) < E²/d; the dimensions left are split in proportion to the
+    sketched groups' energies (`split_dims`: each at least 1, as a group's energy on the probe rows may be 0 where
+    other rows' is not), the `fast` ones (TensorSketches) then sized by `fft_dims`, their spare dimensions going to
+    the first other sketched group."""
+    exact = [False] * len(energies)
+    energy, left = sum(energies), dim
+    candidates = [g for g, size in enumerate(sizes) if size is not None]
+    for g in sorted(candidates, key=lambda g: -energies[g] / max(sizes[g], 1)):
+        size, sketched = sizes[g], len(energies) - sum(exact) - 1
+        if left - size >= sketched and (size == 0 or (energy - energies[g]) ** 2 * left < energy**2 * (left - size)):
+            exact[g], energy, left = True, energy - energies[g], left - size
+    sketched = [g for g in range(len(energies)) if not exact[g]]
+    dims = [size if exact[g] else 0 for g, size in enumerate(sizes)]
+    shares = split_dims(left, [max(energies[g], 1e-30) for g in sketched]) if sketched else []
+    for g, share in zip(sketched, shares, strict=True):
+        dims[g] = share
+    if any(fast[g] for g in sketched):
+        spare = next((g for g in sketched if not fast[g]), None)
+        dims = fft_dims(dims, [fast[g] and not exact[g] for g in range(len(dims))], spare)
+    return dims, exact
+
+
+@functools.lru_cache(maxsize=64)  # every batch sketches with the same hashes
 def hashes(seed: int, stream: int, size: int, dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """A CountSketch [size] → [dim]: buckets and ±1 signs, drawn from (seed, stream)."""
     g = generator(seed, 0x632BE5AB * (stream + 1), device)
@@ -145,9 +175,11 @@ def hashes(seed: int, stream: int, size: int, dim: int, device: torch.device) ->
     return buckets, signs
 
 
-def count_sketch(x: Tensor, buckets: Tensor, signs: Tensor, dim: int) -> Tensor:
-    """CS(x)_b = Σ_{i: h(i)=b} s(i) x_i along the last axis: (..., size) → (..., dim)."""
-    out = x.new_zeros((*x.shape[:-1], dim))
+def count_sketch(x: Tensor, buckets: Tensor, signs: Tensor, out: Tensor | int) -> Tensor:
+    """CS(x)_b = Σ_{i: h(i)=b} s(i) x_i along the last axis: (..., size) → (..., dim), added into `out` (..., dim), or
+    into zeros for `out` = dim."""
+    if isinstance(out, int):
+        out = x.new_zeros((*x.shape[:-1], out))
     return out.index_add_(x.dim() - 1, buckets, x * signs.to(x.dtype))
 
 
@@ -174,8 +206,7 @@ def kronecker_sketch(delta: Tensor, inputs: Tensor, dim: int, seed: int, stream:
 def lookup_sketch(delta: Tensor, rows: Tensor, vocabulary: int, dim: int, seed: int, stream: int) -> Tensor:
     """CS(G) (n, K, dim) of an embedding's gradient G = Σ_s δ_s e_{i_s}ᵀ (vocabulary × d, flattened row-major) for
     δ (n, K, S, d) and rows i (n, S): entry (i_s, j) is coordinate i_s·d + j, so CS(G)_b = Σ_{s,j: h(i_s·d + j) = b}
-    s(i_s·d + j) δ_sj, O(S·d) per sample without forming G. Hashes from (seed, 2·stream), as `tensor_sketch`'s
-    output side of layer `stream` would take."""
+    s(i_s·d + j) δ_sj, O(S·d) per sample without forming G. Hashes from (seed, 2·stream)."""
     n, k, _, d = delta.shape
     buckets, signs = hashes(seed, 2 * stream, vocabulary * d, dim, delta.device)
     coords = (rows[..., None] * d + torch.arange(d, device=delta.device)).flatten(1)  # (n, S·d)

@@ -7,9 +7,9 @@ import torch
 
 from ntk_explain import pipeline, store
 from ntk_explain.gradients import penultimate, plan_tangents, tangent_factors
-from ntk_explain.kernels import project, sketch_dims, symmetric_gram
+from ntk_explain.kernels import project, sketch, sketch_layout, symmetric_gram
 from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel
-from ntk_explain.projections import Projection, fft_dims, hashes, split_dims
+from ntk_explain.projections import Projection, fft_dims, generator, hashes, sketch_shares, split_dims
 from tests import reference
 from tests.models import MODELS
 
@@ -193,8 +193,7 @@ def test_projection_columns_do_not_depend_on_the_range():
 def test_projected_kernels_are_unbiased(tmp_path, monkeypatch, name, params, kind):
     """The mean over 16 seeds is much closer to the exact kernel than one seed is (error ~ 1/√seeds); also for the
     kernel of an embedding alone (a lookup) and of normalisation parameters alone (affine), the sketches' generic
-    group then. The test models' layers are small enough to be formed: they are sketched here."""
-    monkeypatch.setattr("ntk_explain.pipeline.FORMED_PER_DIM", 0)
+    group then."""
     model = MODELS[name][0]()
     train, test = data(name, 6, 0), data(name, 3, 1)
     j_train = reference.jacobian(model, train, params)
@@ -261,43 +260,95 @@ def test_exported_program_kernel(tmp_path):
     assert rel(got["test_train"], reference.kernel(j_test, j_train, "diagonal")) < TOL
 
 
-def _sketched(name: str, kind: str, seed: int) -> tuple:
-    """Plan and factors of 3 samples of test model `name`, their d = 40 sketch by `kind`, its size-shared dimensions
-    (fast FFT sizes for a tensorsketch) and, by definition, the sketch of its generic group (None when it has none)."""
+def _count_sketch_matrix(seed: int, stream: int, size: int, dim: int) -> torch.Tensor:
+    """The CountSketch of hashes (seed, stream) as a (dim, size) matrix."""
+    buckets, signs = hashes(seed, stream, size, dim, torch.device("cpu"))
+    matrix = torch.zeros(dim, size, dtype=torch.float64)
+    matrix[buckets, torch.arange(size)] = signs.double()
+    return matrix
+
+
+def _generic_sketch(plan, factors, seed: int, dim: int, groups: int) -> torch.Tensor:
+    """CountSketch matrices (hashes (seed, 0) over the dense columns, (seed, 2(G + e)) over lookup e for G groups)
+    times the dense gradients and every embedding's gradient Σ_s δ_s e_{i_s}ᵀ, one-hot formed."""
+    sketched = factors.dense @ _count_sketch_matrix(seed, 0, factors.dense.shape[-1], dim).T
+    lookups = zip(plan.lookups, factors.lookup_deltas, factors.indices, strict=True)
+    for stream, (lookup, delta, rows) in enumerate(lookups, start=groups):
+        gradient = torch.einsum("nksd,nsv->nkvd", delta, torch.nn.functional.one_hot(rows, lookup.rows).double())
+        sketched = (
+            sketched + gradient.flatten(2) @ _count_sketch_matrix(seed, 2 * stream, gradient[0, 0].numel(), dim).T
+        )
+    return sketched
+
+
+def _rest_tensorsketch(rest: torch.Tensor, dim: int, seed: int, group: int) -> torch.Tensor:
+    """TS(R)_b = Σ_{(h₁(o) + h₂(i)) mod d = b} s₁(o) s₂(i) R_oi for R (n, K, O, I), hashes (seed, 2g) and
+    (seed, 2g + 1)."""
+    h1, s1 = hashes(seed, 2 * group, rest.shape[-2], dim, torch.device("cpu"))
+    h2, s2 = hashes(seed, 2 * group + 1, rest.shape[-1], dim, torch.device("cpu"))
+    out = torch.zeros(*rest.shape[:2], dim, dtype=torch.float64)
+    sign = (s1[:, None] * s2[None, :]).double()
+    return out.index_add_(2, ((h1[:, None] + h2[None, :]) % dim).flatten(), (rest * sign).flatten(2))
+
+
+def _rest_kronecker(rest: torch.Tensor, dim: int, seed: int, group: int) -> torch.Tensor:
+    """(R_out ⊗ R_in)ᵀ vec(R) for R (n, K, O, I), Gaussian R_out (O, a) and R_in (I, b), a = ⌊√d⌋, b = ⌊d/a⌋,
+    zero-padded."""
+    a, b = int(np.sqrt(dim)), dim // int(np.sqrt(dim))
+    g = generator(seed, 0x2545F491 * (group + 1), torch.device("cpu"))
+    r_out = torch.randn(rest.shape[-2], a, generator=g).double() / np.sqrt(a)
+    r_in = torch.randn(rest.shape[-1], b, generator=g).double() / np.sqrt(b)
+    return torch.nn.functional.pad(torch.einsum("nkoi,oa,ib->nkab", rest, r_out, r_in).flatten(2), (0, dim - a * b))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("kind", ["tensorsketch", "kronecker"])
+def test_sketch_is_its_definition(name, kind):
+    """The sketch of 3 samples at d = 40 against its definition from each layer's formed gradient G = Σ_s δ_s ã_sᵀ:
+    u, v the unit means of δ and ã over the probe, the rows uᵀG and columns (I − uuᵀ)Gv as they are or by a
+    CountSketch matrix, the rest (I − uuᵀ)G(I − vvᵀ) by the TensorSketch definition or the Kronecker product; the
+    three pieces are orthogonal (their energies sum to G's); the generic group by CountSketch matrices."""
     model = MODELS[name][0]()
     x = data(name, 3, 0)
     plan = plan_tangents(model, x[0])
     factors = tangent_factors(model, plan, x)
-    got = project(plan, factors, Projection(kind, 40, seed=seed), block_numel=0)
-    dims = sketch_dims(plan, 40, fft=kind == "tensorsketch")
-    generic = _generic_sketch(plan, factors, seed, dims[0]) if plan.dense or plan.lookups else None
-    return plan, factors, got, dims, generic
-
-
-def _generic_sketch(plan, factors, seed: int, dim: int) -> torch.Tensor:
-    """CountSketch matrices (hashes (seed, 0) over the dense columns, (seed, 2·stream) over lookup `stream`, numbered
-    after the layers) times the dense gradients and every embedding's gradient Σ_s δ_s e_{i_s}ᵀ, one-hot formed."""
-
-    def matrix(stream: int, size: int) -> torch.Tensor:
-        buckets, signs = hashes(seed, stream, size, dim, torch.device("cpu"))
-        counts = torch.zeros(dim, size, dtype=torch.float64)
-        counts[buckets, torch.arange(size)] = signs.double()
-        return counts
-
-    sketch = factors.dense @ matrix(0, factors.dense.shape[-1]).T
-    lookups = zip(plan.lookups, factors.lookup_deltas, factors.indices, strict=True)
-    for stream, (lookup, delta, rows) in enumerate(lookups, start=len(plan.layers) + 1):
-        gradient = torch.einsum("nksd,nsv->nkvd", delta, torch.nn.functional.one_hot(rows, lookup.rows).double())
-        sketch = sketch + gradient.flatten(2) @ matrix(2 * stream, lookup.rows * lookup.features).T
-    return sketch
+    layout = sketch_layout(factors, 40, kind)
+    got = sketch(plan, factors, Projection(kind, 40, seed=7), layout)
+    assert got.shape == (3, plan.outputs, 40) and len(layout.dims) == len(layout.groups)
+    parts = []
+    if layout.groups[0] == "generic":
+        exact = layout.exact[0]
+        parts.append(factors.dense if exact else _generic_sketch(plan, factors, 7, layout.dims[0], len(layout.dims)))
+    rest_sketch = _rest_tensorsketch if kind == "tensorsketch" else _rest_kronecker
+    for index, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True)):
+        group = len(parts)
+        u = torch.nn.functional.normalize(delta.sum((0, 1, 2)), dim=0)
+        v = torch.nn.functional.normalize(inputs.sum((0, 1)), dim=0)
+        assert layout.groups[group : group + 3] == [f"{index}/rows", f"{index}/columns", f"{index}/rest"]
+        assert rel(layout.directions[index][0], u) < 1e-12 and rel(layout.directions[index][1], v) < 1e-12
+        gradient = torch.einsum("nkso,nsi->nkoi", delta, inputs)
+        across, off = torch.eye(len(u)) - torch.outer(u, u), torch.eye(len(v)) - torch.outer(v, v)
+        rows = torch.einsum("o,nkoi->nki", u, gradient)
+        columns = torch.einsum("po,nkoi,i->nkp", across, gradient, v)
+        rest = torch.einsum("po,nkoi,ij->nkpj", across, gradient, off)
+        energies = [float(t.square().sum()) for t in (rows, columns, rest)]
+        assert sum(energies) == pytest.approx(float(gradient.square().sum()), rel=1e-12)
+        for offset, piece in enumerate((rows, columns)):
+            g = group + offset
+            matrix = _count_sketch_matrix(7, 2 * g, piece.shape[-1], layout.dims[g])
+            parts.append(piece if layout.exact[g] else piece @ matrix.T)
+        parts.append(rest_sketch(rest, layout.dims[group + 2], 7, group + 2))
+    expected = torch.cat(parts, dim=-1)
+    assert rel(got, torch.nn.functional.pad(expected, (0, 40 - expected.shape[-1]))) < 1e-12
 
 
 def test_fft_dims_are_3_smooth_and_use_what_they_free():
     """The MLP's energy shares at d = 4096 (sizes 11·163, 2·7·83, 7·163: FFTs 5–10× slower than 3-smooth ones)."""
-    assert fft_dims([1793, 1162, 1141], spare=False) == [1728, 1296, 1024]  # 48 unused: no share fits them
-    assert fft_dims([487, 2726, 883], spare=True) == [532, 2592, 972]  # the generic share takes what is left
+    assert fft_dims([1793, 1162, 1141], [True] * 3, None) == [1728, 1296, 1024]  # 48 unused: no share fits them
+    assert fft_dims([487, 2726, 883], [False, True, True], 0) == [532, 2592, 972]  # the spare share takes the rest
+    assert fft_dims([10, 487, 2726, 883], [False, False, True, True], 1) == [10, 532, 2592, 972]
     for dims in ([1, 2, 5], [40], [7, 300, 13, 97]):
-        sized = fft_dims(dims, spare=False)
+        sized = fft_dims(dims, [True] * len(dims), None)
         assert all(_three_smooth(size) for size in sized) and sum(dims) - min(dims) < sum(sized) <= sum(dims)
 
 
@@ -308,46 +359,39 @@ def _three_smooth(size: int) -> bool:
     return size == 1
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_tensorsketch_is_the_sketch_of_each_layer_gradient(name):
-    """FFT path vs the definition: TS(G)_b = Σ_{(h₁(o) + h₂(i)) mod d = b} s₁(o) s₂(i) G_oi, G = Σ_s δ_s ã_sᵀ;
-    the generic group (dense parameters, embeddings) by a CountSketch of its gradients."""
-    plan, factors, got, dims, generic = _sketched(name, "tensorsketch", seed=7)
-    assert got.shape == (3, plan.outputs, 40)
-    assert sum(dims) == 40 if generic is not None else sum(dims) <= 40
-    parts = [] if generic is None else [generic]
-    for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
-        d = dims[len(parts)]
-        h1, s1 = hashes(7, 2 * stream, delta.shape[-1], d, torch.device("cpu"))
-        h2, s2 = hashes(7, 2 * stream + 1, inputs.shape[-1], d, torch.device("cpu"))
-        gradient = torch.einsum("nkso,nsi->nkoi", delta, inputs)
-        bucket = (h1[:, None] + h2[None, :]) % d
-        sign = (s1[:, None] * s2[None, :]).double()
-        layer = torch.zeros(*gradient.shape[:2], d, dtype=torch.float64)
-        layer.index_add_(2, bucket.flatten(), (gradient * sign).flatten(2))
-        parts.append(layer)
-    assert rel(got, torch.nn.functional.pad(torch.cat(parts, dim=-1), (0, 40 - sum(dims)))) < 1e-12
+def test_sketch_shares_keep_dense_groups_exactly():
+    """Sketched groups share d by energy; a group of fixed size is kept exactly when that lowers the variance bound
+    (E − E_g)²/(d − s_g) < E²/d, taking groups by energy per coordinate; TensorSketch shares are 3-smooth."""
+    assert sketch_shares(100, [10, 30, 60], [None] * 3, [False] * 3) == ([10, 30, 60], [False] * 3)
+    # half the energy in 10 coordinates: 50²/90 < 100²/100, kept
+    assert sketch_shares(100, [50, 50], [10, None], [False, False]) == ([10, 90], [True, False])
+    # 1% of the energy in 50 coordinates: 99²/50 > 100²/100, sketched
+    assert sketch_shares(100, [1, 99], [50, None], [False, False]) == ([1, 99], [False, False])
+    # the denser candidate first (50²/90 < 100²/100); the second then no longer pays (40²/30 > 50²/90)
+    assert sketch_shares(100, [50, 10, 40], [10, 60, None], [False, False, False]) == (
+        [10, 18, 72],
+        [True, False, False],
+    )
+    # a group without energy keeps one dimension (its energy on other rows may not be 0); empty groups are free
+    assert sketch_shares(10, [0, 5, 0], [None, None, 0], [False] * 3) == ([1, 9, 0], [False, False, True])
+    dims, exact = sketch_shares(4096, [1, 30, 60, 9], [500, 800, None, None], [False, False, True, True])
+    assert exact == [False, True, False, False] and dims[1] == 800 and sum(dims) == 4096
+    assert _three_smooth(dims[2]) and _three_smooth(dims[3])
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_kronecker_is_the_projection_of_each_layer_gradient(name):
-    """Per factorised layer, (R_out ⊗ R_in)ᵀ vec(Σ_s δ_s ã_sᵀ) padded to its share of d; the generic group as for
-    tensorsketch (a CountSketch)."""
-    _, factors, got, dims, generic = _sketched(name, "kronecker", seed=5)
-    if generic is not None:
-        assert rel(got[..., : dims[0]], generic) < 1e-12
-    start = 0 if generic is None else dims[0]
-    for stream, (delta, inputs) in enumerate(zip(factors.deltas, factors.inputs, strict=True), start=1):
-        d = dims[stream - (generic is None)]
-        a, b = int(np.sqrt(d)), d // int(np.sqrt(d))
-        g = torch.Generator().manual_seed(5 * 0x9E3779B1 + 0x2545F491 * (stream + 1))
-        r_out = torch.randn(delta.shape[-1], a, generator=g).double() / np.sqrt(a)
-        r_in = torch.randn(inputs.shape[-1], b, generator=g).double() / np.sqrt(b)
-        gradient = torch.einsum("nkso,nsi->nkoi", delta, inputs)
-        expected = torch.einsum("nkoi,oa,ib->nkab", gradient, r_out, r_in).flatten(2)
-        assert rel(got[..., start : start + a * b], expected) < 1e-12
-        assert torch.all(got[..., start + a * b : start + d] == 0)
-        start += d
+def test_sketch_layout_is_stored(tmp_path):
+    """The layout of a pseudo tensorsketch of the test MLP: its head's δ is the same for every sample (1/√C), so the
+    head's columns and rest are 0 and its rows, the whole gradient, are kept exactly; the attributes say so."""
+    model = MODELS["mlp"][0]()
+    train, test = data("mlp", 10, 0), data("mlp", 3, 1)
+    got, attrs = computed(tmp_path, model, KernelSpec("pseudo", "tensorsketch", 40), train, test)
+    j_train, j_test = reference.jacobian(model, train), reference.jacobian(model, test)
+    assert list(attrs["sketch_groups"]) == [
+        f"{layer}/{piece}" for layer in range(3) for piece in ("rows", "columns", "rest")
+    ]
+    assert sum(attrs["sketch_dims"]) <= 40 and attrs["sketch_probe"] == 10
+    assert list(attrs["sketch_exact"][6:]) == [True, False, False] and attrs["sketch_dims"][6] == 9  # 8 inputs + bias
+    assert rel(got["test_train"], reference.kernel(j_test, j_train, "pseudo")) < 0.5
 
 
 def test_sketch_dimensions_follow_layer_sizes():
@@ -427,26 +471,3 @@ def test_half_precision_features(tmp_path, dtype, stored, tolerance):
             assert 0 < rel(half[f"{name}/{key}"][()], full[f"{name}/{key}"][()]) < tolerance
     result = CliRunner().invoke(app, ["attribute", str(runs[dtype]), "--quiet"])
     assert result.exit_code == 0, result.output
-
-
-@pytest.mark.parametrize("kind", ["tensorsketch", "kronecker"])
-def test_sketch_dimensions_follow_gradient_energy(tmp_path, monkeypatch, kind):
-    """A sketch's dimensions are shared in proportion to each layer's Σ_x ‖g_l(x)‖² over the probe rows (the first
-    training rows), computed here from the reference Jacobians of each layer's parameters. A layer whose gradient
-    takes ≤ 4·d multiply-adds to form (all three here, by default) is formed and joins the generic CountSketch."""
-    model = MODELS["mlp"][0]()
-    train, test = data("mlp", 10, 0), data("mlp", 3, 1)
-    _, attrs = computed(tmp_path, model, KernelSpec("trace", kind, 300), train, test)
-    assert list(attrs["formed"]) == ["1", "3", "5"] and list(attrs["sketch_dims"]) == [300]
-    _, attrs = computed(tmp_path, model, KernelSpec("trace", kind, 12), train, test)  # 4·12 ≥ 8·6, 3·8; < 8·8
-    assert list(attrs["formed"]) == ["1", "5"] and list(attrs["factorised"]) == ["3"]
-    monkeypatch.setattr("ntk_explain.pipeline.FORMED_PER_DIM", 0)
-    _, attrs = computed(tmp_path, model, KernelSpec("trace", kind, 300), train, test)
-    energies = [
-        float(reference.jacobian(model, train, (f"{layer}.weight", f"{layer}.bias")).square().sum())
-        for layer in (1, 3, 5)
-    ]
-    expected = split_dims(300, energies)
-    assert list(attrs["sketch_dims"]) == (fft_dims(expected, spare=False) if kind == "tensorsketch" else expected)
-    assert attrs["sketch_probe"] == 10
-    assert list(attrs["sketch_dims"]) != split_dims(300, [6 * 8 + 8, 8 * 8 + 8, 8 * 3 + 3])  # not by size
