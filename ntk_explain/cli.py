@@ -43,7 +43,7 @@ from ntk_explain.pipeline import (
     write_data,
 )
 from ntk_explain.projections import PROJECTIONS
-from ntk_explain.resources import memory_budget, resolve_device
+from ntk_explain.resources import memory_budget, resolve_device, retain_freed_memory
 from ntk_explain.surrogate import SURROGATES
 
 app = typer.Typer(
@@ -827,6 +827,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    """Entry point: SIGTERM stops like Ctrl-C (exit 130, nothing half-written)."""
+    """Entry point: SIGTERM stops like Ctrl-C (exit 130, nothing half-written); freed memory is kept for reuse."""
     signal.signal(signal.SIGTERM, _interrupt)
+    retain_freed_memory()
     app()

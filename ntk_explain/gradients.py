@@ -30,8 +30,10 @@ backward pass (one per output, vmapped) when no parameter needs jacrev, else by 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Sequence
+import operator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -208,6 +210,14 @@ def _by_site(module: nn.Module, t: Tensor, lead: int) -> Tensor:
     if isinstance(module, (nn.Conv2d, nn.GroupNorm, *_BATCH_NORMS)):
         return t.reshape(*t.shape[:lead], width, -1).transpose(-1, -2)
     return t.reshape(*t.shape[:lead], -1, width)
+
+
+def _site_sum(module: nn.Module, t: Tensor, lead: int) -> Tensor:
+    """Σ_s of `_by_site(module, t, lead)`: (*lead, width), summed along the memory order of t."""
+    width = _width(module)
+    if isinstance(module, (nn.Conv2d, nn.GroupNorm, *_BATCH_NORMS)):
+        return t.reshape(*t.shape[:lead], width, -1).sum(-1)
+    return t.reshape(*t.shape[:lead], -1, width).sum(-2)
 
 
 def _normalised(module: nn.Module, a: Tensor) -> Tensor:
@@ -449,6 +459,11 @@ def _batched_deltas(
     return deltas, calls[:first_affine] + [[x_hat[:, None] for x_hat in c] for c in calls[first_affine:]]
 
 
+def _summed(terms: Iterable[Tensor]) -> Tensor:
+    """The sum of the calls' terms (the first as it is, without adding it to a zero)."""
+    return functools.reduce(operator.add, terms)
+
+
 def _joined(calls: Sequence[Tensor], dim: int) -> Tensor:
     """The sites of every call along `dim`; one call's as they are (a view in the layout the backward left)."""
     return torch.cat(list(calls), dim=dim) if len(calls) > 1 else calls[0]
@@ -461,9 +476,9 @@ def _formed_columns(
     and bias, the sites s running over every call: δ (n, K, 1, *out) and the call's site inputs per call."""
     columns = {}
     if layer.weight:
-        columns[layer.weight] = sum(_weight_gradient(module, d, a) for d, a in zip(deltas, inputs, strict=True))
+        columns[layer.weight] = _summed(_weight_gradient(module, d, a) for d, a in zip(deltas, inputs, strict=True))
     if layer.bias:
-        columns[layer.bias] = sum(_by_site(module, d, 2).sum(2) for d in deltas)
+        columns[layer.bias] = _summed(_site_sum(module, d, 2) for d in deltas)
     return columns
 
 
@@ -490,9 +505,9 @@ def _affine_columns(
     columns = {}
     if affine.weight:
         products = zip(deltas, x_hats, strict=True)
-        columns[affine.weight] = sum(_by_site(module, d * x[:, None], 2).sum(2) for d, x in products)
+        columns[affine.weight] = _summed(_site_sum(module, d * x[:, None], 2) for d, x in products)
     if affine.bias:
-        columns[affine.bias] = sum(_by_site(module, d, 2).sum(2) for d in deltas)
+        columns[affine.bias] = _summed(_site_sum(module, d, 2) for d in deltas)
     return columns
 
 

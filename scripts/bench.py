@@ -298,10 +298,14 @@ def quality_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """One measurement in this (fresh) process; returns what the parent prints."""
+    """One measurement in this (fresh) process, whose allocator keeps freed memory as the CLI's does (every method and
+    baseline alike); returns what the parent prints."""
     import numpy as np
     import torch
 
+    from ntk_explain.resources import retain_freed_memory
+
+    retain_freed_memory()
     device = resolve(args.device)
     if args.worker in ("synthetic", "attribute"):
         return attribute_worker(args, device)
