@@ -1,5 +1,5 @@
-"""Small float64 test models: an MLP, a CNN with BatchNorm, a model that reuses a Linear, token-embedding models
-(one tied to its output layer) and models with LayerNorm, RMSNorm, GroupNorm and BatchNorm1d.
+"""Small float64 test models: an MLP, a CNN with BatchNorm, models that reuse a Linear and a Conv2d, token-embedding
+models (one tied to its output layer) and models with LayerNorm, RMSNorm, GroupNorm and BatchNorm1d.
 
 `MODELS[name]` is (factory, input shape, vocabulary): inputs are Gaussian, or token ids below the vocabulary given
 as float64 (the pipeline computes in the inputs' dtype), which the model casts to indices."""
@@ -56,6 +56,23 @@ class Twice(nn.Module):
 def twice(classes: int = 3) -> nn.Module:
     torch.manual_seed(0)
     return Twice(classes).double().eval()
+
+
+class ConvTwice(nn.Module):
+    """x (2, 4, 4) → one Conv2d applied twice, tanh between, 32 sites in all: its gradient is formed per call."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+
+
+def convtwice(classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return ConvTwice(classes).double().eval()
 
 
 def _randomise(*norms: nn.Module) -> None:
@@ -151,6 +168,7 @@ MODELS = {
     "mlp": (mlp, (6,), 0),
     "cnn": (cnn, (1, 4, 4), 0),
     "twice": (twice, (6,), 0),
+    "convtwice": (convtwice, (2, 4, 4), 0),
     "bag": (bag, (2, 3), 48),
     "tied": (tied, (4,), 7),
     "normed": (normed, (3, 6), 0),

@@ -58,7 +58,8 @@ def test_exact_kernels_match_jacrev(tmp_path, name, kind):
 
 def test_structured_layers_are_chosen_per_layer():
     """Linear and the one-site conv are factorised; convs with many sites are formed (Σ_s δ_s ã_sᵀ, dense columns
-    without jacrev); a layer applied twice is factorised with K = 3 outputs, formed with K = 1 (pseudo)."""
+    without jacrev); a layer applied twice is factorised with K = 3 outputs, formed with K = 1 (pseudo); a conv
+    applied twice is formed from both calls."""
     cnn = MODELS["cnn"][0]()
     plan = plan_tangents(cnn, data("cnn", 1, 0)[0])
     assert [layer.module for layer in plan.layers] == ["6", "9"]
@@ -69,6 +70,8 @@ def test_structured_layers_are_chosen_per_layer():
     pseudo = plan_tangents(MODELS["twice"][0](), data("twice", 1, 0)[0], "pseudo")
     assert [layer.module for layer in pseudo.layers] == ["head"]
     assert [(layer.module, layer.sites) for layer in pseudo.formed] == [("inner", 2)]
+    reused = plan_tangents(MODELS["convtwice"][0](), data("convtwice", 1, 0)[0])
+    assert [(layer.module, layer.sites, len(layer.call_shapes)) for layer in reused.formed] == [("conv", 32, 2)]
 
 
 def test_symmetric_gram_is_the_product():
