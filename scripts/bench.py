@@ -46,8 +46,8 @@ small (a vfork'ed child may inherit the parent's high-water mark). On CUDA the c
 after `torch.cuda.synchronize()` and `torch.cuda.max_memory_allocated()` is reported too.
 MB = 10**6 bytes throughout.
 
-    python scripts/bench.py                 # full run (several minutes on 2 CPU cores)
-    python scripts/bench.py --quick         # N = 128 / 2048 / 256, single repeats
+    python scripts/bench.py                 # full run (about 30 minutes on 2 CPU cores)
+    python scripts/bench.py --quick         # N = 128 / 2048 / 256, single repeats, no workload 7 (a few minutes)
     python scripts/bench.py --full --json bench.json --device cuda
 """
 
@@ -276,8 +276,8 @@ def quality_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
         for _ in range(ROUNDS):
             with torch.enable_grad():
                 plain += timed(forward_backward, device, BLOCK)
-            if sum(times) < SLOW_S:  # a slow method (TRAK's): its first call only
-                times += timed(lambda: result.append(features(x)), device, BLOCK, stop_after=SLOW_S)
+            if sum(times) < SLOW_S:  # a slow method (TRAK's): one call per block, until SLOW_S is spent
+                times += timed(lambda: result.append(features(x)), device, BLOCK, stop_after=1.0)
         errors = [cosine_error(result[-1])] + [cosine_error(method(seed)(x)) for seed in range(1, args.seeds)]
 
     return {
@@ -760,7 +760,7 @@ def run_all(args: argparse.Namespace) -> None:
     }
     rows, raws = [], {}
     with tempfile.TemporaryDirectory(prefix="ntk-bench-") as tmp:
-        for key in args.only.split(","):
+        for key in (args.only or ("1,2,3,4,5,6" if args.quick else "1,2,3,4,5,6,7")).split(","):
             found, raw = workloads[key](tmp)
             rows += found if isinstance(found, list) else [found]
             raws[key] = raw
@@ -780,12 +780,14 @@ def run_all(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="~1-minute version: smaller N, single repeats")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few minutes: smaller N, single repeats, one seed, without workload 7"
+    )
     parser.add_argument("--full", action="store_true", help="also run the naive method at N=512 (~15 GB)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--json", help="also save the figures to this JSON file")
     worker = parser.add_argument_group("worker (internal)")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated workloads to run (default: all, 1-7)")
+    parser.add_argument("--only", help="comma-separated workloads to run (default: 1-7; 1-6 with --quick)")
     worker.add_argument(
         "--worker",
         choices=("ours", "naive", "project", "synthetic", "attribute", "weights", "quality"),
