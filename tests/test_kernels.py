@@ -474,3 +474,16 @@ def test_half_precision_features(tmp_path, dtype, stored, tolerance):
             assert 0 < rel(half[f"{name}/{key}"][()], full[f"{name}/{key}"][()]) < tolerance
     result = CliRunner().invoke(app, ["attribute", str(runs[dtype]), "--quiet"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation", "padding"), [(3, 1, 1, 1), ((3, 2), (2, 1), (2, 1), (0, 2)), (2, 2, 1, 0)]
+)
+def test_conv_patches_are_unfold(kernel, stride, dilation, padding):
+    """A factorised conv's site inputs a_s: the strided slices give `F.unfold`'s patches, in its order."""
+    from ntk_explain.gradients import _patches
+
+    conv = torch.nn.Conv2d(3, 4, kernel, stride=stride, dilation=dilation, padding=padding)
+    x = torch.randn(5, 3, 9, 10, dtype=torch.float64)
+    expected = torch.nn.functional.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)
+    assert torch.equal(_patches(conv, x), expected)
