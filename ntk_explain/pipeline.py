@@ -227,6 +227,12 @@ def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget
         )
     projection = Projection(spec.projection, spec.proj_dim, spec.seed)
     if spec.projection in SKETCHES:
+        groups = bool(plan.dense or plan.lookups) + 3 * len(plan.layers)  # `SketchLayout.groups`
+        if spec.proj_dim < groups:
+            raise UsageError(
+                f"--proj-dim {spec.proj_dim} is too small for a {spec.projection} of this model: its {groups} groups "
+                "(the other parameters, then each layer's rows, columns and rest) need a dimension each"
+            )
         with torch.no_grad():
             layout = sketch_layout(tangent_factors(model, plan, probe), spec.proj_dim, spec.projection)
         attrs.update(

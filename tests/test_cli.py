@@ -328,6 +328,9 @@ CASES = [
     Case("unknown_option", 2, [*BASE, "--frobnicate"]),
     Case("invalid_kernel", 2, [*BASE, "--kernel", "trace,bogus"]),
     Case("invalid_projection", 2, [*BASE, "--projection", "bogus"]),
+    Case(
+        "sketch_dim_below_groups", 2, [*BASE, "--kernel", "pseudo", "--projection", "tensorsketch", "--proj-dim", "8"]
+    ),
     Case("invalid_max_memory", 2, [*BASE, "--max-memory", "12 parsecs"]),
     Case("cuda_without_cuda", 2, [*BASE, "--device", "cuda"], env={"CUDA_VISIBLE_DEVICES": ""}),
     Case("model_kwargs_not_json", 2, [*BASE, "--model-kwargs", "{classes: 3"]),
