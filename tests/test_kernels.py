@@ -193,7 +193,7 @@ def test_projection_columns_do_not_depend_on_the_range():
     [("mlp", None), ("bag", ("embed.weight",)), ("normed", ("norm.weight", "norm.bias", "rms.weight", "joint.weight"))],
     ids=["mlp", "embedding", "normalisations"],
 )
-def test_projected_kernels_are_unbiased(tmp_path, monkeypatch, name, params, kind):
+def test_projected_kernels_are_unbiased(tmp_path, name, params, kind):
     """The mean over 16 seeds is much closer to the exact kernel than one seed is (error ~ 1/√seeds); also for the
     kernel of an embedding alone (a lookup) and of normalisation parameters alone (affine), the sketches' generic
     group then."""
