@@ -167,6 +167,7 @@ def select_parameters(model: nn.Module, globs: Sequence[str] | None = None) -> d
 
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CHANNELS_FIRST = (nn.Conv2d, nn.GroupNorm, *_BATCH_NORMS)  # outputs (batch, channels, *positions)
 
 
 def _method(module: nn.Module) -> str | None:
@@ -207,7 +208,7 @@ def _by_site(module: nn.Module, t: Tensor, lead: int) -> Tensor:
     """A tensor shaped like one call's output, t (*lead, 1, *out), as (*lead, S_call, width): the channels at
     every position for Conv2d, BatchNorm and GroupNorm (axis 1), the trailing axes for the other modules."""
     width = _width(module)
-    if isinstance(module, (nn.Conv2d, nn.GroupNorm, *_BATCH_NORMS)):
+    if isinstance(module, _CHANNELS_FIRST):
         return t.reshape(*t.shape[:lead], width, -1).transpose(-1, -2)
     return t.reshape(*t.shape[:lead], -1, width)
 
@@ -215,7 +216,7 @@ def _by_site(module: nn.Module, t: Tensor, lead: int) -> Tensor:
 def _site_sum(module: nn.Module, t: Tensor, lead: int) -> Tensor:
     """Σ_s of `_by_site(module, t, lead)`: (*lead, width), summed along the memory order of t."""
     width = _width(module)
-    if isinstance(module, (nn.Conv2d, nn.GroupNorm, *_BATCH_NORMS)):
+    if isinstance(module, _CHANNELS_FIRST):
         return t.reshape(*t.shape[:lead], width, -1).sum(-1)
     return t.reshape(*t.shape[:lead], -1, width).sum(-2)
 
@@ -397,7 +398,7 @@ def tangent_factors(model: nn.Module, plan: TangentPlan, x: Tensor) -> Factors:
             tuple(x.new_zeros((n, *shape), dtype=plan.dtype) for shape in s.call_shapes) for s in plan.structured
         )
         (jac_free, jac_eps), calls = vmap(jacrev(outputs, argnums=(0, 1), has_aux=True), (None, 0, 0))(free, eps, x)
-        calls = [[c[:, 0] for c in module_calls] for module_calls in calls[:first_affine]] + list(calls[first_affine:])
+        calls = [[c[:, 0] for c in module_calls] for module_calls in calls]  # each sample's batch of one
     else:
         jac_free, (jac_eps, calls) = {}, _batched_deltas(model, plan, structured, held, x)
     module_of = [structured[s.module] for s in plan.structured]
@@ -433,10 +434,10 @@ def _batched_deltas(
     params: dict[str, Tensor],
     x: Tensor,
 ) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
-    """δ of every call of every structured module (n, K, 1, *out) and its site inputs (as `_site_inputs`; x̂ as
-    (n, 1, *out)), from one batched forward pass with ε = 0 added to the outputs (views of one zero, not zeros of
-    every output's size) and the backward passes of the K outputs summed over the batch; differentiable in x when x
-    requires grad (as `vmap(jacrev)` is)."""
+    """δ of every call of every structured module (n, K, 1, *out) and its site inputs (`_site_inputs`), from one
+    batched forward pass with ε = 0 added to the outputs (views of one zero, not zeros of every output's size) and
+    the backward passes of the K outputs summed over the batch; differentiable in x when x requires grad (as
+    `vmap(jacrev)` is)."""
     graph = torch.is_grad_enabled() and x.requires_grad
     record: dict[str, list] = {}
     with torch.enable_grad():
@@ -454,9 +455,7 @@ def _batched_deltas(
         )
     grads = iter(g if k > 1 else g[None] for g in grads)  # (K, n, *out)
     deltas = [[next(grads).movedim(0, 1)[:, :, None] for _ in calls] for calls in eps]
-    first_affine = len(plan.structured) - len(plan.affines)
-    calls = [[site if graph else site.detach() for site, _ in record[m]] for m in structured]
-    return deltas, calls[:first_affine] + [[x_hat[:, None] for x_hat in c] for c in calls[first_affine:]]
+    return deltas, [[site if graph else site.detach() for site, _ in record[m]] for m in structured]
 
 
 def _summed(terms: Iterable[Tensor]) -> Tensor:
@@ -500,12 +499,12 @@ def _affine_columns(
     module: nn.Module, affine: Affine, deltas: Sequence[Tensor], x_hats: Sequence[Tensor]
 ) -> dict[str, Tensor]:
     """∂o/∂γ = Σ_s δ_s ⊙ x̂_s and ∂o/∂β = Σ_s δ_s (n, K, channels) of the selected γ, β, the sites s running over
-    the positions of every call: δ (n, K, 1, *out) and x̂ (n, 1, *out) per call, multiplied in the output's layout
+    the positions of every call: δ (n, K, 1, *out) and x̂ (n, *out) per call, multiplied in the output's layout
     and then summed by site (cheaper than reordering δ by site first)."""
     columns = {}
     if affine.weight:
         products = zip(deltas, x_hats, strict=True)
-        columns[affine.weight] = _summed(_site_sum(module, d * x[:, None], 2) for d, x in products)
+        columns[affine.weight] = _summed(_site_sum(module, d * x[:, None, None], 2) for d, x in products)
     if affine.bias:
         columns[affine.bias] = _summed(_site_sum(module, d, 2) for d in deltas)
     return columns

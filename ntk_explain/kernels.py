@@ -272,13 +272,12 @@ def sketch(plan: TangentPlan, factors: Factors, projection: Projection, layout: 
         else:
             count_sketch(values, *hashes(seed, 2 * group, values.shape[-1], dims[group], values.device), share(group))
 
-    first = 0
-    if _generic(factors):
+    first = int(_generic(factors))  # the layers' groups follow the generic one
+    if first:
         place(factors.dense, 0)
         lookups = zip(plan.lookups, factors.lookup_deltas, factors.indices, strict=True)
         for stream, (lookup, delta, rows) in enumerate(lookups, start=len(dims)):
             share(0).add_(lookup_sketch(delta, rows, lookup.rows, dims[0], seed, stream))
-        first = 1
     pieces = zip(factors.deltas, factors.inputs, layout.directions, strict=True)
     for group, (delta, inputs, (u, v)) in zip(range(first, len(dims), 3), pieces, strict=True):
         rows, columns, across, off = _pieces(delta, inputs, u, v)

@@ -175,18 +175,16 @@ def hashes(seed: int, stream: int, size: int, dim: int, device: torch.device) ->
     return buckets, signs
 
 
-def count_sketch(x: Tensor, buckets: Tensor, signs: Tensor, out: Tensor | int) -> Tensor:
-    """CS(x)_b = Σ_{i: h(i)=b} s(i) x_i along the last axis: (..., size) → (..., dim), added into `out` (..., dim), or
-    into zeros for `out` = dim."""
-    if isinstance(out, int):
-        out = x.new_zeros((*x.shape[:-1], out))
+def count_sketch(x: Tensor, buckets: Tensor, signs: Tensor, out: Tensor) -> Tensor:
+    """out += CS(x), CS(x)_b = Σ_{i: h(i)=b} s(i) x_i along the last axis, in place: x (..., size), out (..., dim)."""
     return out.index_add_(x.dim() - 1, buckets, x * signs.to(x.dtype))
 
 
 def tensor_sketch(delta: Tensor, inputs: Tensor, dim: int, seed: int, stream: int) -> Tensor:
     """TS(Σ_s δ_s ã_sᵀ) (n, K, dim) for δ (n, K, S, O) and ã (n, S, I): the sketch of the O×I gradient."""
-    out_side = count_sketch(delta, *hashes(seed, 2 * stream, delta.shape[-1], dim, delta.device), dim)
-    in_side = count_sketch(inputs, *hashes(seed, 2 * stream + 1, inputs.shape[-1], dim, inputs.device), dim)
+    zeros = delta.new_zeros((*delta.shape[:-1], dim)), inputs.new_zeros((*inputs.shape[:-1], dim))
+    out_side = count_sketch(delta, *hashes(seed, 2 * stream, delta.shape[-1], dim, delta.device), zeros[0])
+    in_side = count_sketch(inputs, *hashes(seed, 2 * stream + 1, inputs.shape[-1], dim, inputs.device), zeros[1])
     product = torch.einsum("nksf,nsf->nkf", torch.fft.rfft(out_side, n=dim), torch.fft.rfft(in_side, n=dim))
     return torch.fft.irfft(product, n=dim)
 
