@@ -23,10 +23,11 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 from ntk_explain import distributed, store, zoo
+from ntk_explain.adapter import ModelAdapter
 from ntk_explain.distillation import DISTILL_METRICS, KIP, METHODS, SELECTIONS
 from ntk_explain.errors import BadInputError, NtkExplainError, OutOfMemoryError, UsageError
 from ntk_explain.kernels import KERNELS
-from ntk_explain.loading import Dataset, check_model_on_data, load_dataset, load_model
+from ntk_explain.loading import Dataset, check_model_on_data, input_keys, load_dataset, load_model
 from ntk_explain.metrics import METRIC_NAMES
 from ntk_explain.pipeline import (
     DEFAULT_REDUCTION,
@@ -76,6 +77,13 @@ BatchSize = Annotated[
     str, typer.Option(help="Most rows per tile, or auto: from the memory budget, halved on out-of-memory.")
 ]
 MaxMemory = Annotated[str | None, typer.Option(help="Memory budget, e.g. 2GB (default: half the free memory).")]
+XKey = Annotated[
+    str,
+    typer.Option(help="Input array(s) in data files; several (input_ids,attention_mask) go to the model by keyword."),
+]
+OutputKey = Annotated[
+    str | None, typer.Option(help="The logits' entry in a dict or object output (default: logits, or the output).")
+]
 
 
 def reported(command: Callable) -> Callable:
@@ -161,7 +169,7 @@ def _json_object(text: str | None, option: str) -> dict:
 class Inputs:
     """A loaded model and data sets on their device, with the options and provenance of the run."""
 
-    net: torch.nn.Module
+    net: ModelAdapter
     data: dict[str, Dataset]
     budget: Budget
     classes: int
@@ -187,6 +195,7 @@ def load_inputs(
     model_kwargs: str | None,
     x_key: str,
     y_key: str,
+    output_key: str | None,
     n_train: int | None,
     n_test: int | None,
     device: str,
@@ -201,11 +210,14 @@ def load_inputs(
     torch_dtype = getattr(torch, dtype)
     budget = Budget(torch_device, memory_budget(torch_device, max_memory), _batch_size(batch_size))
     kwargs = _json_object(model_kwargs, "--model-kwargs")
+    keys = input_keys(x_key)
+    if output_key is not None and not output_key.strip():
+        raise UsageError("--output-key must name an entry of the model's output")
     loaded = load_model(model, kwargs, weights)
-    net = loaded.module.to(device=torch_device, dtype=torch_dtype).eval()
-    data = {"train": load_dataset(train, "train", x_key=x_key, y_key=y_key, dtype=torch_dtype, limit=n_train)}
+    net = ModelAdapter(loaded.module.to(device=torch_device, dtype=torch_dtype).eval(), output_key)
+    data = {"train": load_dataset(train, "train", x_key=keys, y_key=y_key, dtype=torch_dtype, limit=n_train)}
     if test:
-        data["test"] = load_dataset(test, "test", x_key=x_key, y_key=y_key, dtype=torch_dtype, limit=n_test)
+        data["test"] = load_dataset(test, "test", x_key=keys, y_key=y_key, dtype=torch_dtype, limit=n_test)
     classes = max(check_model_on_data(net, d) for d in data.values())
     options = {
         "model": model,
@@ -213,6 +225,8 @@ def load_inputs(
         "weights": weights,
         "train": train,
         "test": test,
+        "x_key": list(keys),
+        "output_key": output_key,
         **options,
         "device": str(torch_device),
         "dtype": dtype,
@@ -249,6 +263,7 @@ def run_compute(
     params: str | None = None,
     x_key: str = "x",
     y_key: str = "y",
+    output_key: str | None = None,
     n_train: int | None = None,
     n_test: int | None = None,
     device: str = "auto",
@@ -290,6 +305,7 @@ def run_compute(
         model_kwargs=model_kwargs,
         x_key=x_key,
         y_key=y_key,
+        output_key=output_key,
         n_train=n_train,
         n_test=n_test,
         device=device,
@@ -314,12 +330,12 @@ def run_compute(
             summary["resumed"] = int(run.attrs.get("resumed", 0))
             progress = RichProgress(bar)
             for split, dataset in data.items():
-                write_data(run, split, dataset, network_logits(inputs.net, dataset.x, budget))
-                summary[f"n_{split}"] = len(dataset.x)
+                write_data(run, split, dataset, network_logits(inputs.net, dataset.inputs, budget))
+                summary[f"n_{split}"] = len(dataset.inputs)
             for spec in specs:
                 began = time.perf_counter()
-                test_x = data["test"].x if "test" in data else None
-                kernel_attrs = compute_kernel(run, inputs.net, spec, data["train"].x, test_x, budget, progress)
+                test_x = data["test"].inputs if "test" in data else None
+                kernel_attrs = compute_kernel(run, inputs.net, spec, data["train"].inputs, test_x, budget, progress)
                 summary["kernels"][spec.name] = {**kernel_attrs, "seconds": round(time.perf_counter() - began, 3)}
         if shard.world > 1:
             distributed.barrier(shard)
@@ -366,8 +382,9 @@ def compute(
         FeatureDType | None, typer.Option(help="Storage of projected features (default: the --dtype).")
     ] = None,
     params: Annotated[str | None, typer.Option(help="Parameter globs, e.g. 'fc.*' (default: all).")] = None,
-    x_key: Annotated[str, typer.Option(help="Name of the input array in data files.")] = "x",
+    x_key: XKey = "x",
     y_key: Annotated[str, typer.Option(help="Name of the label array in data files.")] = "y",
+    output_key: OutputKey = None,
     n_train: Annotated[int | None, typer.Option(help="Use only the first N training points.", min=1)] = None,
     n_test: Annotated[int | None, typer.Option(help="Use only the first M test points.", min=1)] = None,
     device: Device = "auto",
@@ -398,6 +415,7 @@ def compute(
         params=params,
         x_key=x_key,
         y_key=y_key,
+        output_key=output_key,
         n_train=n_train,
         n_test=n_test,
         device=device,
@@ -658,7 +676,7 @@ def _distill_target(out: Path, inputs: Inputs, overwrite: bool) -> Iterator[h5py
     if not out.exists():
         with store.create_run(out, overwrite=False, attrs=inputs.attrs) as run:
             for split, dataset in inputs.data.items():
-                write_data(run, split, dataset, network_logits(inputs.net, dataset.x, inputs.budget))
+                write_data(run, split, dataset, network_logits(inputs.net, dataset.inputs, inputs.budget))
             yield run
         return
     with store.update_run(out) as (run, _):
@@ -725,8 +743,9 @@ def distill(
     kip_batch: Annotated[int, typer.Option(help="kip: real target points per step (class-balanced).", min=1)] = 256,
     learn_labels: Annotated[bool, typer.Option(help="kip: learn the support's labels too.")] = True,
     export: Annotated[Path | None, typer.Option(help="Also write the support to this .safetensors file.")] = None,
-    x_key: Annotated[str, typer.Option(help="Name of the input array in data files.")] = "x",
+    x_key: XKey = "x",
     y_key: Annotated[str, typer.Option(help="Name of the label array in data files.")] = "y",
+    output_key: OutputKey = None,
     n_train: Annotated[int | None, typer.Option(help="Use only the first N training points.", min=1)] = None,
     n_test: Annotated[int | None, typer.Option(help="Use only the first M test points.", min=1)] = None,
     device: Device = "auto",
@@ -770,6 +789,7 @@ def distill(
         model_kwargs=model_kwargs,
         x_key=x_key,
         y_key=y_key,
+        output_key=output_key,
         n_train=n_train,
         n_test=n_test,
         device=device,
@@ -782,7 +802,7 @@ def distill(
     train_data = inputs.data["train"]
     with _progress_bar(quiet) as bar, _distill_target(out, inputs, overwrite) as run:
         logits = torch.from_numpy(run["data/train/nn_logits"][()])
-        test_x = inputs.data["test"].x if "test" in inputs.data else None
+        test_x = inputs.data["test"].inputs if "test" in inputs.data else None
         summary = distill_support(
             run, inputs.net, spec, plan, train_data, logits, test_x, inputs.budget, RichProgress(bar)
         )

@@ -15,7 +15,7 @@ import sys
 import types
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ntk_explain import zoo
+from ntk_explain.adapter import Batch, ModelAdapter
 from ntk_explain.errors import BadInputError, NtkExplainError, UsageError
 
 DATA_FORMATS = (".npz", ".safetensors", ".h5", ".hdf5")
@@ -47,14 +48,22 @@ class _Invalid(Exception):
 
 @dataclass(frozen=True)
 class Dataset:
-    """A validated data set: inputs, integer labels and the source row of each point."""
+    """A validated data set: inputs (one array, or several named ones), integer labels and the source row of each
+    point."""
 
-    x: torch.Tensor
+    inputs: Batch
     y: torch.Tensor
     index: np.ndarray
     source: str
     sha256: str
     split: str = "train"
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The one input array of a data set that has one."""
+        if self.inputs.keyword:
+            raise ValueError(f"{self.source} has several input arrays: {', '.join(self.inputs.names)}")
+        return next(iter(self.inputs.arrays.values()))
 
 
 @dataclass(frozen=True)
@@ -161,19 +170,22 @@ _READERS: dict[str, Callable[[Path, tuple[str, ...]], list[np.ndarray]]] = {
 }
 
 
-def _file_arrays(spec: str, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def _file_arrays(
+    spec: str, x_keys: tuple[str, ...], y_key: str
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, str]:
     path = _existing_file(spec, DATA_FORMATS)
     try:
-        x, y = _READERS[path.suffix.lower()](path, (x_key, y_key))
+        *xs, y = _READERS[path.suffix.lower()](path, (*x_keys, y_key))
     except _Invalid:
         raise
     except Exception as exc:  # any parser failure on a user file is a corrupt input
         raise _Invalid(f"cannot read file ({_first_line(exc)})") from exc
-    _check_shapes(x, y, x_key, y_key)
-    return x, y, np.arange(len(y), dtype=np.int64), sha256_file(path)
+    for x, x_key in zip(xs, x_keys, strict=True):
+        _check_shapes(x, y, x_key, y_key)
+    return xs, y, np.arange(len(y), dtype=np.int64), sha256_file(path)
 
 
-def _zoo_arrays(spec: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def _zoo_arrays(spec: str, split: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, str]:
     name, _, forced = spec.removeprefix("zoo:").partition(":")
     if name != "digits":
         raise _Invalid(f"unknown zoo data set {name!r} (available: digits)")
@@ -184,7 +196,7 @@ def _zoo_arrays(spec: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     digest = hashlib.sha256()
     for array in (x, y, index):
         digest.update(array.tobytes())
-    return x, y, index, digest.hexdigest()
+    return [x], y, index, digest.hexdigest()
 
 
 def _check_shapes(x: np.ndarray, y: np.ndarray, x_key: str, y_key: str) -> None:
@@ -215,7 +227,15 @@ def _labels(y: np.ndarray, y_key: str) -> torch.Tensor:
     return torch.from_numpy(y.astype(np.int64))
 
 
-def _features(x: np.ndarray, x_key: str, dtype: torch.dtype) -> torch.Tensor:
+def _input_array(x: np.ndarray, x_key: str, dtype: torch.dtype) -> torch.Tensor:
+    """A floating array in the compute dtype, checked finite; an integer array (token ids, a mask) as int64 and a
+    boolean one as it is: gradients never reach them."""
+    if x.dtype.kind in "iu":
+        if x.dtype.kind == "u" and x.size and x.max() > np.iinfo(np.int64).max:
+            raise _Invalid(f"array {x_key!r} has values beyond int64")
+        return torch.from_numpy(np.ascontiguousarray(x).astype(np.int64))
+    if x.dtype.kind == "b":
+        return torch.from_numpy(np.ascontiguousarray(x))
     features = torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
     rows = (~torch.isfinite(features).reshape(len(features), -1).all(1)).nonzero()
     if len(rows):
@@ -223,28 +243,42 @@ def _features(x: np.ndarray, x_key: str, dtype: torch.dtype) -> torch.Tensor:
     return features
 
 
+def input_keys(x_key: str | Sequence[str]) -> tuple[str, ...]:
+    """The input array names: one name, a comma-separated list of names, or a sequence of them (once each)."""
+    names = x_key.split(",") if isinstance(x_key, str) else list(x_key)
+    keys = tuple(dict.fromkeys(name.strip() for name in names))
+    if not keys or not all(keys):
+        raise UsageError(f"--x-key {x_key!r}: expected an array name or a comma-separated list of names")
+    return keys
+
+
 @_one_line
 def load_dataset(
     spec: str,
     split: str,
     *,
-    x_key: str = "x",
+    x_key: str | Sequence[str] = "x",
     y_key: str = "y",
     dtype: torch.dtype = torch.float32,
     limit: int | None = None,
 ) -> Dataset:
-    """Load and validate `spec` (.npz, .safetensors, .h5 file or `zoo:digits[:split]`), first `limit` rows."""
+    """Load and validate `spec` (.npz, .safetensors, .h5 file or `zoo:digits[:split]`), first `limit` rows. Several
+    input arrays (`x_key="input_ids,attention_mask"`) are passed to the model as keyword arguments, one positionally;
+    floating arrays are cast to `dtype`, integer ones stay integers."""
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be floating, got {dtype}")
     if limit is not None and limit < 1:
         raise UsageError(f"the row limit must be ≥ 1, got {limit}")
+    keys = input_keys(x_key)
     try:
         if spec.startswith("zoo:"):
-            x, y, index, digest = _zoo_arrays(spec, split)
+            keys = ("x",)
+            xs, y, index, digest = _zoo_arrays(spec, split)
         else:
-            x, y, index, digest = _file_arrays(spec, x_key, y_key)
-        x, y, index = x[:limit], y[:limit], index[:limit]
-        return Dataset(_features(x, x_key, dtype), _labels(y, y_key), index, spec, digest, split)
+            xs, y, index, digest = _file_arrays(spec, keys, y_key)
+        arrays = {key: _input_array(x[:limit], key, dtype) for key, x in zip(keys, xs, strict=True)}
+        inputs = Batch(arrays, keyword=len(arrays) > 1)
+        return Dataset(inputs, _labels(y[:limit], y_key), index[:limit], spec, digest, split)
     except _Invalid as exc:
         raise BadInputError(f"{split} data {spec}: {exc}") from exc.__cause__
 
@@ -278,6 +312,42 @@ def _build(spec: str, factory: Callable[..., object], kwargs: dict) -> nn.Module
     if not isinstance(module, nn.Module):
         raise BadInputError(f"model {spec}: the factory returned {type(module).__name__}, not a torch.nn.Module")
     return module
+
+
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _hf_model(spec: str, kwargs: dict) -> tuple[nn.Module, Path, Path]:
+    """A Hugging Face sequence classifier from a local `save_pretrained` directory (config.json and safetensors
+    weights), with local files only and no remote code; returns it with its config and weights files."""
+    if kwargs:
+        raise UsageError(f"model {spec}: model kwargs do not apply to a Hugging Face directory")
+    directory = Path(spec.removeprefix("hf:"))
+    config = directory / "config.json"
+    if not directory.is_dir():
+        raise BadInputError(f"model {spec}: not a directory")
+    if not config.is_file():
+        raise BadInputError(f"model {spec}: no config.json (expected a directory written by save_pretrained)")
+    weights = next((directory / name for name in HF_WEIGHTS if (directory / name).is_file()), None)
+    if weights is None:
+        raise BadInputError(f"model {spec}: no model.safetensors (pickled weights, pytorch_model.bin, are refused)")
+    try:
+        import transformers
+    except ImportError as exc:
+        raise UsageError(f"model {spec}: Hugging Face models need the extra: pip install 'ntk-explain[hf]'") from exc
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = transformers.AutoModelForSequenceClassification.from_pretrained(
+                directory, local_files_only=True, use_safetensors=True, trust_remote_code=False
+            )
+    except Exception as exc:  # a corrupt config or weights file, an unknown architecture
+        raise BadInputError(f"model {spec}: cannot load the Hugging Face model: {_first_line(exc)}") from exc
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return module, config, weights
 
 
 def _zoo_model(spec: str, kwargs: dict) -> nn.Module:
@@ -432,25 +502,30 @@ def _load_weights(module: nn.Module, path: str) -> None:
 
 @_one_line
 def load_model(spec: str, kwargs: dict | None = None, weights: str | None = None) -> LoadedModel:
-    """Build `zoo:NAME`, `pkg.module:factory(**kwargs)` or load a `.pt2` export; load weights; eval() mode."""
+    """Build `zoo:NAME`, `pkg.module:factory(**kwargs)`, load a Hugging Face directory `hf:DIR` or a `.pt2` export;
+    load weights; eval() mode."""
     kwargs = dict(kwargs or {})
-    exported = not spec.startswith("zoo:") and spec.lower().endswith(".pt2")
+    exported = not spec.startswith(("zoo:", "hf:")) and spec.lower().endswith(".pt2")
+    source: Path | None = Path(spec) if exported else None  # the file whose bytes identify the model
+    bundled: Path | None = None  # the weights a Hugging Face directory holds
     if exported:
         module = _exported_model(spec, kwargs)
+    elif spec.startswith("hf:"):
+        module, source, bundled = _hf_model(spec, kwargs)
     elif spec.startswith("zoo:"):
         module = _zoo_model(spec, kwargs)
     elif ":" in spec:
         module = _factory_model(spec, kwargs)
     else:
-        raise BadInputError(f"model {spec}: expected zoo:NAME, pkg.module:factory or a .pt2 file")
+        raise BadInputError(f"model {spec}: expected zoo:NAME, pkg.module:factory or a .pt2 file, or hf:DIR")
     if weights is not None:
         _load_weights(module, weights)
     nonfinite = _nonfinite(module)
     if nonfinite:
         source = f"weights {weights}" if weights is not None else f"model {spec}"
         raise BadInputError(f"{source}: NaN or infinite values in {_names(nonfinite)}")
-    if exported:
-        model_sha256 = sha256_file(spec)
+    if source is not None:
+        model_sha256 = sha256_file(source)
     else:
         model_sha256 = hashlib.sha256(json.dumps({"spec": spec, "kwargs": kwargs}, sort_keys=True).encode()).hexdigest()
     return LoadedModel(
@@ -458,7 +533,7 @@ def load_model(spec: str, kwargs: dict | None = None, weights: str | None = None
         spec=spec,
         kwargs=kwargs,
         model_sha256=model_sha256,
-        weights_sha256=None if weights is None else sha256_file(weights),
+        weights_sha256=sha256_file(weights) if weights is not None else bundled and sha256_file(bundled),
     )
 
 
@@ -468,22 +543,29 @@ def _nonfinite(module: nn.Module) -> list[str]:
 
 
 @_one_line
-def check_model_on_data(model: nn.Module, data: Dataset) -> int:
+def check_model_on_data(model: nn.Module | ModelAdapter, data: Dataset) -> int:
     """Check the model's values are finite in the compute dtype (too large ones overflow it) and dry-run it in eval()
     mode on one point; return its number of classes C."""
-    nonfinite = _nonfinite(model)
+    adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+    module = adapter.module
+    nonfinite = _nonfinite(module)
     if nonfinite:
-        raise BadInputError(f"model values {_names(nonfinite)} are NaN or infinite in {data.x.dtype}")
-    state = next(itertools.chain(model.parameters(), model.buffers()), None)
-    x = data.x[:1] if state is None else data.x[:1].to(state.device)
-    model.eval()
+        dtype = next((a.dtype for a in data.inputs.arrays.values() if a.is_floating_point()), torch.float32)
+        raise BadInputError(f"model values {_names(nonfinite)} are NaN or infinite in {dtype}")
+    state = next(itertools.chain(module.parameters(), module.buffers()), None)
+    x = data.inputs[:1] if state is None else data.inputs[:1].to(state.device)
+    module.eval()
     try:
         with torch.no_grad():
-            out = model(x)
+            out = adapter(x)
+    except BadInputError:
+        raise
     except Exception as exc:  # the forward is user code: any failure means the model and data do not fit
-        raise BadInputError(f"model cannot take inputs of shape {tuple(x.shape)}: {_first_line(exc)}") from exc
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != 1 or not out.is_floating_point():
-        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        shapes = {name: tuple(a.shape) for name, a in x.arrays.items()}
+        what = ", ".join(f"{k} {v}" for k, v in shapes.items()) if x.keyword else f"of shape {shapes.popitem()[1]}"
+        raise BadInputError(f"model cannot take inputs {what}: {_first_line(exc)}") from exc
+    if out.ndim != 2 or len(out) != 1 or not out.is_floating_point():
+        got = f"{tuple(out.shape)} {out.dtype}"
         raise BadInputError(f"model output for one input must be floating logits of shape (1, C), got {got}")
     if not torch.isfinite(out).all():
         raise BadInputError(f"model output on {data.source} row {data.index[0]} is not finite")

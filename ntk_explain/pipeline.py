@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ntk_explain import distributed, store
+from ntk_explain.adapter import Batch, ModelAdapter
 from ntk_explain.attribution import all_class_scores, attribution_scores, extremes
 from ntk_explain.distillation import (
     DISTILL_METRICS,
@@ -41,7 +42,7 @@ from ntk_explain.distillation import (
 )
 from ntk_explain.distributed import Shard
 from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
-from ntk_explain.gradients import Factors, penultimate, plan_tangents, tangent_factors
+from ntk_explain.gradients import Factors, as_adapter, penultimate, tangent_factors
 from ntk_explain.kernels import (
     KERNELS,
     Tiles,
@@ -55,6 +56,7 @@ from ntk_explain.kernels import (
 )
 from ntk_explain.loading import Dataset
 from ntk_explain.metrics import faithfulness
+from ntk_explain.planning import plan_tangents
 from ntk_explain.projections import PROJECTIONS, SKETCHES, Projection
 from ntk_explain.surrogate import FeatureKernel, Kernel, KernelGLM, KernelRidge
 
@@ -126,11 +128,13 @@ class Budget:
     shard: Shard = field(default_factory=Shard)  # which row tiles this process computes
 
 
-def network_logits(model: nn.Module, x: Tensor, budget: Budget) -> Tensor:
+def network_logits(model: nn.Module | ModelAdapter, x: Tensor | Batch, budget: Budget) -> Tensor:
     """f_θ(x) (N, C) in eval mode, in batches, on CPU."""
+    adapter, inputs = as_adapter(model), Batch.of(x)
     batch = budget.batch_size or 1024
     with torch.no_grad():
-        logits = torch.cat([model(x[s : s + batch].to(budget.device)).cpu() for s in range(0, len(x), batch)])
+        rows = range(0, len(inputs), batch)
+        logits = torch.cat([adapter(inputs[s : s + batch].to(budget.device)).cpu() for s in rows])
     return _finite(logits, "the network's outputs")
 
 
@@ -177,31 +181,36 @@ def _tiling(tile: int, *sizes: int) -> int | None:
 class Featurizer:
     """Features of a kernel for a batch of inputs, with its memory estimates in bytes."""
 
-    featurize: Callable[[Tensor], Factors]
+    featurize: Callable[[Tensor | Batch], Factors]
     classes: int  # size of each class axis of the kernel (1 for pseudo and ck)
+    dtype: torch.dtype  # of the features, hence of the kernel
     work_bytes: int  # per sample, while featurising
     kept_bytes: int  # per sample, of the features kept
     pair_bytes: int  # per (row, column) pair of a Gram block
     attrs: dict
 
 
-def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget) -> Featurizer:
-    """The featurizer of `spec` for inputs like `probe` (a few samples, on the budget's device): its first sample
-    plans the tangents; for a sketch, all of it sets the layout: the layers' directions and the groups' shares of d
-    (`sketch_layout`)."""
-    example = probe[0]
-    itemsize = example.element_size()
+def featurizer(
+    model: nn.Module | ModelAdapter, spec: KernelSpec, probe: Tensor | Batch, budget: Budget
+) -> Featurizer:
+    """The featurizer of `spec` for inputs like `probe` (a few samples, on the budget's device): its first two
+    samples plan the tangents and prove the plan (`plan_tangents`); for a sketch, all of it sets the layout: the
+    layers' directions and the groups' shares of d (`sketch_layout`)."""
+    adapter, probe = as_adapter(model), Batch.of(probe)
     if spec.kernel == "ck":
-        width = penultimate(model, example[None]).shape[-1]
+        phi = penultimate(adapter, probe[:1])
+        width, itemsize = phi.shape[-1], phi.element_size()
         return Featurizer(
-            featurize=lambda x: Factors(penultimate(model, x)[:, None, :], (), ()),
+            featurize=lambda x: Factors(penultimate(adapter, x)[:, None, :], (), ()),
             classes=1,
+            dtype=phi.dtype,
             work_bytes=4 * itemsize * width,
             kept_bytes=itemsize * width,
             pair_bytes=3 * itemsize,
             attrs={},
         )
-    plan = plan_tangents(model, example, output_map(spec.kernel), spec.params)
+    plan = plan_tangents(adapter, probe, output_map(spec.kernel), spec.params, max_check_bytes=budget.bytes // 4)
+    itemsize = torch.empty((), dtype=plan.dtype).element_size()
     k = plan.outputs
     entries = {"trace": 1, "diagonal": k, "full": k * k}[contraction(spec.kernel)]  # per (row, column) pair
     dense = sum(plan.params[n].numel() for n in plan.dense)
@@ -209,17 +218,22 @@ def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget
     kept += sum(lookup.sites * (k * lookup.features + 1) for lookup in plan.lookups)
     sites = max((s.sites for s in (*plan.layers, *plan.lookups)), default=1)
     formed = sum(layer.sites * (k * layer.out_features + layer.in_features) for layer in plan.formed)  # δ and a
+    formed += sum(lookup.sites * k * lookup.features for lookup in plan.formed_lookups)
     work = 2 * (k + 1) * plan.activation_numel + 2 * kept + formed
     attrs = {
         "n_params": plan.n_params,
         "outputs": k,
         "factorised": [layer.module for layer in plan.layers] or [""],
         "formed": [layer.module for layer in plan.formed] or [""],
+        "tangent_path": plan.path,
+        "generic": json.dumps(_by_reason(plan.generic)),
+        **{f"check_{key}": value for key, value in plan.check.items()},
     }
     if not spec.projected:
         return Featurizer(
-            featurize=lambda x: tangent_factors(model, plan, x),
+            featurize=lambda x: tangent_factors(adapter, plan, x),
             classes=k,
+            dtype=plan.dtype,
             work_bytes=itemsize * work,
             kept_bytes=itemsize * kept,
             pair_bytes=itemsize * 3 * entries * sites * sites,
@@ -234,7 +248,7 @@ def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget
                 "(the other parameters, then each layer's rows, columns and rest) need a dimension each"
             )
         with torch.no_grad():
-            layout = sketch_layout(tangent_factors(model, plan, probe), spec.proj_dim, spec.projection)
+            layout = sketch_layout(tangent_factors(adapter, plan, probe), spec.proj_dim, spec.projection)
         attrs.update(
             sketch_groups=layout.groups, sketch_dims=layout.dims, sketch_exact=layout.exact, sketch_probe=len(probe)
         )
@@ -242,17 +256,26 @@ def featurizer(model: nn.Module, spec: KernelSpec, probe: Tensor, budget: Budget
     else:
         features = functools.partial(project, projection=projection, block_numel=max(1, budget.bytes // (8 * itemsize)))
 
-    def featurize(x: Tensor) -> Factors:
-        return Factors(features(plan, tangent_factors(model, plan, x)), (), ())
+    def featurize(x: Tensor | Batch) -> Factors:
+        return Factors(features(plan, tangent_factors(adapter, plan, x)), (), ())
 
     return Featurizer(
         featurize=featurize,
         classes=k,
+        dtype=plan.dtype,
         work_bytes=itemsize * (work + k * spec.proj_dim),
         kept_bytes=itemsize * k * spec.proj_dim,
         pair_bytes=itemsize * 3 * entries,
         attrs=attrs,
     )
+
+
+def _by_reason(generic: dict[str, str]) -> dict[str, list[str]]:
+    """The generic parameters grouped by the reason they are not structured."""
+    grouped: dict[str, list[str]] = {}
+    for name, reason in generic.items():
+        grouped.setdefault(reason, []).append(name)
+    return grouped
 
 
 def _write_kernel(
@@ -317,7 +340,7 @@ def _stored(dataset: h5py.Dataset, device: torch.device, dtype: torch.dtype) -> 
 
 
 def _feature_tiles(
-    features: Featurizer, x: Tensor, tile: int, device: torch.device, progress: Progress, description: str
+    features: Featurizer, x: Batch, tile: int, device: torch.device, progress: Progress, description: str
 ) -> Iterator[tuple[slice, Tensor]]:
     """(rows, projected features R g_k (rows, K, d)) of x, tile by tile, with progress."""
     progress.start(description, len(x))
@@ -331,7 +354,7 @@ def _feature_tiles(
 def _store_features(
     group: h5py.Group,
     features: Featurizer,
-    sets: list[Tensor],
+    sets: list[Batch],
     dim: int,
     tile: int,
     budget: Budget,
@@ -356,7 +379,7 @@ def _store_features(
                     values = (
                         features.featurize(x[rows].to(budget.device)).dense
                         if shard.owns(index)
-                        else torch.empty((rows.stop - start, *shape[1:]), dtype=x.dtype, device=budget.device)
+                        else torch.empty((rows.stop - start, *shape[1:]), dtype=features.dtype, device=budget.device)
                     )
                 dataset[rows] = store.encode_features(distributed.broadcast(values, shard.owner(index), shard), dataset)
                 store.checkpoint(dataset, index + 1)
@@ -399,10 +422,10 @@ def _kernel_attrs(spec: KernelSpec, features: Featurizer, tile: int) -> dict:
 
 def compute_kernel(
     run: h5py.File,
-    model: nn.Module,
+    model: nn.Module | ModelAdapter,
     spec: KernelSpec,
-    train: Tensor,
-    test: Tensor | None,
+    train: Tensor | Batch,
+    test: Tensor | Batch | None,
     budget: Budget,
     progress: Progress | None = None,
 ) -> dict:
@@ -438,16 +461,16 @@ def compute_kernel(
 
 def _compute_kernel(
     run: h5py.File,
-    model: nn.Module,
+    model: nn.Module | ModelAdapter,
     spec: KernelSpec,
-    train: Tensor,
-    test: Tensor | None,
+    train: Tensor | Batch,
+    test: Tensor | Batch | None,
     budget: Budget,
     progress: Progress,
 ) -> dict:
     group = run.require_group(f"kernel/{spec.name}")
-    sets = [train] + ([test] if test is not None else [])
-    features = featurizer(model, spec, train[:SKETCH_PROBE].to(budget.device), budget)
+    sets = [Batch.of(train)] + ([Batch.of(test)] if test is not None else [])
+    features = featurizer(model, spec, sets[0][:SKETCH_PROBE].to(budget.device), budget)
     if "tile" not in group.attrs:  # the ranks agree on one tile
         tile = _tile_size(len(train), features.work_bytes, features.pair_bytes, budget)
         tile = distributed.smallest(tile, budget.shard, budget.device)
@@ -457,15 +480,15 @@ def _compute_kernel(
     keep = sum(len(x) for x in sets) * features.kept_bytes <= budget.bytes // 4
     how = contraction(spec.kernel)
     if spec.projected:
-        stored = getattr(torch, spec.feature_dtype) if spec.feature_dtype else train.dtype
+        stored = getattr(torch, spec.feature_dtype) if spec.feature_dtype else features.dtype
         datasets = _store_features(group, features, sets, spec.proj_dim, tile, budget, progress, stored)
-        _feature_kernel(group, how, datasets, features.classes, tile, keep, budget, progress, train.dtype)
+        _feature_kernel(group, how, datasets, features.classes, tile, keep, budget, progress, features.dtype)
     else:
         tiles = [
             Tiles(lambda s, e, x=x: features.featurize(x[s:e].to(budget.device)), len(x), tile, keep) for x in sets
         ]
         test_tiles = tiles[1] if len(tiles) > 1 else None
-        _write_kernel(group, how, tiles[0], test_tiles, features.classes, _np(train.dtype), progress, budget.shard)
+        _write_kernel(group, how, tiles[0], test_tiles, features.classes, _np(features.dtype), progress, budget.shard)
     attrs = _kernel_attrs(spec, features, tile)
     store.set_attrs(group, attrs)
     return attrs
@@ -510,7 +533,7 @@ RANK_EPS = (0.01, 0.05)
 
 
 def _all_features(
-    features: Featurizer, x: Tensor, tile: int, device: torch.device, progress: Progress, description: str
+    features: Featurizer, x: Batch, tile: int, device: torch.device, progress: Progress, description: str
 ) -> Tensor:
     """Projected features of every row of x, flattened to (n, K·d): the trace kernel is their inner product."""
     return torch.cat(
@@ -538,7 +561,7 @@ class Support:
 def build_support(
     distill: DistillSpec,
     feature_map: Callable[[Tensor], Tensor],
-    x: Tensor,
+    x: Batch,
     phi: Tensor,
     classes: Tensor,
     outputs: Tensor,
@@ -554,7 +577,8 @@ def build_support(
         return Support(features, support_classes, centred_one_hot(support_classes, n_classes, phi.dtype))
     source = select(phi, classes, sizes, distill.selection, distill.seed)  # kip's starting points too
     labels = centred_one_hot(classes[source], n_classes, phi.dtype)
-    inputs = x[source.cpu()].to(phi.device)
+    chosen = x[source.cpu()].to(phi.device)
+    inputs = None if chosen.keyword else next(iter(chosen.arrays.values()))  # several named arrays: by source row
     if distill.method == "select":
         return Support(phi[source], classes[source], labels, inputs, source)
     kip = replace(distill.kip, seed=distill.seed)
@@ -564,6 +588,11 @@ def build_support(
         features = feature_map(kip.inputs_)
     jacobians = (kip.steps + 1) * len(source)
     return Support(features, kip.labels_.argmax(1), kip.labels_, kip.inputs_, source, kip.losses_, jacobians)
+
+
+def _kinds(batch: Batch) -> str:
+    """What the arrays of a batch hold, e.g. `input_ids (int64), attention_mask (int64)`."""
+    return ", ".join(f"{name} ({str(a.dtype).removeprefix('torch.')})" for name, a in batch.arrays.items())
 
 
 _SUPPORT_DIMS = {
@@ -595,12 +624,12 @@ def _write_support(group: h5py.Group, support: Support, near: tuple[Tensor, Tens
 
 def distill_support(
     run: h5py.File,
-    model: nn.Module,
+    model: nn.Module | ModelAdapter,
     spec: KernelSpec,
     distill: DistillSpec,
     train: Dataset,
     train_logits: Tensor,
-    test: Tensor | None,
+    test: Tensor | Batch | None,
     budget: Budget,
     progress: Progress | None = None,
 ) -> dict:
@@ -612,11 +641,14 @@ def distill_support(
     """
     progress = progress or Silent()
     began = time.perf_counter()
-    device, x = budget.device, train.x
+    device, x = budget.device, train.inputs
+    if distill.method == "kip" and x.floating is None:
+        raise UsageError(f"kip learns floating inputs, and these are {_kinds(x)}: use --method select or gradient")
+    test = Batch.of(test) if test is not None else None
     features = featurizer(model, spec, x[:SKETCH_PROBE].to(device), budget)
     width = features.classes * spec.proj_dim
     rows = len(x) + (len(test) if test is not None else 0)
-    if 3 * rows * width * x.element_size() > budget.bytes:
+    if 3 * rows * width * torch.empty((), dtype=features.dtype).element_size() > budget.bytes:
         raise OutOfMemoryError(f"distilling needs the {rows}×{width} projected features in memory: lower --proj-dim")
     tile = _tile_size(len(x), features.work_bytes, features.pair_bytes, budget)
     phi = _all_features(features, x, tile, device, progress, "train features")
@@ -675,7 +707,7 @@ def distill_support(
         store.write_array(kernel, f"features/{split}", values.reshape(-1, *shape).cpu().numpy(), (split, *dims))
         for split, values in sets
     ]
-    _feature_kernel(kernel, "trace", datasets, 1, tile, True, budget, progress, x.dtype)
+    _feature_kernel(kernel, "trace", datasets, 1, tile, True, budget, progress, features.dtype)
     store.write_array(kernel, "full_train", (phi @ support.features.T).cpu().numpy(), ("full", "train"))
     store.write_array(kernel, "diag_full", phi.square().sum(1).cpu().numpy(), ("full",))
     store.set_attrs(kernel, {**_kernel_attrs(spec, features, tile), "support": "distill"})

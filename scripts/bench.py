@@ -229,14 +229,15 @@ def quality_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
     import numpy as np
     import torch
 
-    from ntk_explain.gradients import plan_tangents, tangent_factors
+    from ntk_explain.gradients import tangent_factors
     from ntk_explain.kernels import gram
     from ntk_explain.pipeline import SKETCH_PROBE, Budget, KernelSpec, featurizer
+    from ntk_explain.planning import plan_tangents
     from ntk_explain.store import cosine_normalize
 
     model = make_model(args.model).to(device)
     x = inputs(args.model, args.n).to(device)
-    plan = plan_tangents(model, x[0], "pseudo")
+    plan = plan_tangents(model, x, "pseudo")
     base = rss_now_mb()
 
     def method(seed: int) -> Callable[[Tensor], Tensor]:

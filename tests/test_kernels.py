@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from ntk_explain import pipeline, store
-from ntk_explain.gradients import penultimate, plan_tangents, tangent_factors
+from ntk_explain.gradients import penultimate, tangent_factors
 from ntk_explain.kernels import project, sketch, sketch_layout, symmetric_gram
 from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel
+from ntk_explain.planning import plan_tangents
 from ntk_explain.projections import Projection, fft_dims, generator, hashes, sketch_shares, split_dims
 from tests import reference
 from tests.models import MODELS
@@ -61,16 +62,16 @@ def test_structured_layers_are_chosen_per_layer():
     without jacrev); a layer applied twice is factorised with K = 3 outputs, formed with K = 1 (pseudo); a conv
     applied twice is formed from both calls."""
     cnn = MODELS["cnn"][0]()
-    plan = plan_tangents(cnn, data("cnn", 1, 0)[0])
+    plan = plan_tangents(cnn, data("cnn", 2, 0))
     assert [layer.module for layer in plan.layers] == ["6", "9"]
     assert [(layer.module, layer.sites) for layer in plan.formed] == [("0", 16), ("3", 4)]
     assert {"0.weight", "1.weight", "3.weight", "4.bias"} <= set(plan.dense) and plan.jacobian == ()
-    twice = plan_tangents(MODELS["twice"][0](), data("twice", 1, 0)[0])
+    twice = plan_tangents(MODELS["twice"][0](), data("twice", 2, 0))
     assert [(layer.module, layer.sites) for layer in twice.layers] == [("inner", 2), ("head", 1)]
-    pseudo = plan_tangents(MODELS["twice"][0](), data("twice", 1, 0)[0], "pseudo")
+    pseudo = plan_tangents(MODELS["twice"][0](), data("twice", 2, 0), "pseudo")
     assert [layer.module for layer in pseudo.layers] == ["head"]
     assert [(layer.module, layer.sites) for layer in pseudo.formed] == [("inner", 2)]
-    reused = plan_tangents(MODELS["convtwice"][0](), data("convtwice", 1, 0)[0])
+    reused = plan_tangents(MODELS["convtwice"][0](), data("convtwice", 2, 0))
     assert [(layer.module, layer.sites, len(layer.call_shapes)) for layer in reused.formed] == [("conv", 32, 2)]
 
 
@@ -82,11 +83,11 @@ def test_symmetric_gram_is_the_product():
 @pytest.mark.parametrize("output", ["logits", "pseudo"])
 def test_embeddings_and_normalisations_are_structured_unless_shared(output):
     """Normalisation γ, β are formed from δ and x̂ (dense columns, no jacrev), BatchNorm's in eval mode only; an
-    Embedding without padding_idx is a lookup when S²(K·d + 1) ≤ K·V·d (6 sites: V = 48 but not V = 20); a tied
+    Embedding is a lookup when S²(K·d + 1) ≤ K·V·d (6 sites: V = 48 but not V = 20), with its padding_idx; a tied
     Embedding stays dense (and exact: `tied` in MODELS)."""
 
     def plan(name):
-        return plan_tangents(MODELS[name][0](), data(name, 1, 0)[0], output)
+        return plan_tangents(MODELS[name][0](), data(name, 2, 0), output)
 
     cnn = plan("cnn")
     assert [(a.module, a.weight, a.bias, a.channels) for a in cnn.affines] == [
@@ -94,7 +95,7 @@ def test_embeddings_and_normalisations_are_structured_unless_shared(output):
         ("4", "4.weight", "4.bias", 6),
     ]
     assert {"1.weight", "4.bias"} <= set(cnn.dense) and not {"1.weight", "4.bias"} & set(cnn.jacobian)
-    assert not plan_tangents(MODELS["cnn"][0]().train(), data("cnn", 1, 0)[0], output).affines  # batch statistics
+    assert not plan_tangents(MODELS["cnn"][0]().train(), data("cnn", 2, 0), output).affines  # batch statistics
     normed = plan("normed")
     assert [(a.module, a.channels, a.bias) for a in normed.affines] == [
         ("norm", 8, "norm.bias"),
@@ -108,10 +109,10 @@ def test_embeddings_and_normalisations_are_structured_unless_shared(output):
     bag = plan("bag")
     assert [(e.module, e.rows, e.features, e.sites) for e in bag.lookups] == [("embed", 48, 5, 6)]
     assert "embed.weight" not in bag.dense
-    assert not plan_tangents(MODELS["bag"][0](vocabulary=20), data("bag", 1, 0)[0] % 20, output).lookups
+    assert not plan_tangents(MODELS["bag"][0](vocabulary=20), data("bag", 2, 0) % 20, output).lookups
     padded = MODELS["bag"][0]()
     padded.embed.padding_idx = 0
-    assert not plan_tangents(padded, data("bag", 1, 0)[0], output).lookups  # padding_idx: dense
+    assert [e.padding_idx for e in plan_tangents(padded, data("bag", 2, 0), output).lookups] == [0]  # δ = 0 there
     tied = plan("tied")
     assert not tied.lookups and not tied.layers and tied.jacobian == ("embed.weight", "head.bias")
 
@@ -164,7 +165,7 @@ def test_projected_features_are_R_times_the_jacobian(name, kind, block_numel):
     column (an embedding row) at a time or in blocks (runs of consecutive embedding rows)."""
     model = MODELS[name][0]()
     x = data(name, 4, 0)
-    plan = plan_tangents(model, x[0])
+    plan = plan_tangents(model, x)
     projection = Projection(kind, 64, seed=3)
     got = project(plan, tangent_factors(model, plan, x), projection, block_numel=block_numel)
     jac = reference.jacobian(model, x)
@@ -313,7 +314,7 @@ def test_sketch_is_its_definition(name, kind):
     three pieces are orthogonal (their energies sum to G's); the generic group by CountSketch matrices."""
     model = MODELS[name][0]()
     x = data(name, 3, 0)
-    plan = plan_tangents(model, x[0])
+    plan = plan_tangents(model, x)
     factors = tangent_factors(model, plan, x)
     layout = sketch_layout(factors, 40, kind)
     got = sketch(plan, factors, Projection(kind, 40, seed=7), layout)
@@ -413,8 +414,8 @@ def _oom_above(limit: int, monkeypatch) -> None:
     real = pipeline.tangent_factors
 
     def limited(model, plan, x):
-        if x.shape[0] > limit:
-            raise torch.OutOfMemoryError(f"{x.shape[0]} rows")
+        if len(x) > limit:
+            raise torch.OutOfMemoryError(f"{len(x)} rows")
         return real(model, plan, x)
 
     monkeypatch.setattr(pipeline, "tangent_factors", limited)
@@ -481,9 +482,9 @@ def test_half_precision_features(tmp_path, dtype, stored, tolerance):
 )
 def test_conv_patches_are_unfold(kernel, stride, dilation, padding):
     """A factorised conv's site inputs a_s: the strided slices give `F.unfold`'s patches, in its order."""
-    from ntk_explain.gradients import _patches
+    from ntk_explain.modules import patches
 
     conv = torch.nn.Conv2d(3, 4, kernel, stride=stride, dilation=dilation, padding=padding)
     x = torch.randn(5, 3, 9, 10, dtype=torch.float64)
     expected = torch.nn.functional.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)
-    assert torch.equal(_patches(conv, x), expected)
+    assert torch.equal(patches(conv, x), expected)

@@ -1,0 +1,146 @@
+"""Conformance on the architectures users bring (`tests.architectures`): every exact kernel, through the CLI, against
+the float64 jacrev reference; projected kernels run and stay unbiased; attribute runs; the plan's self-check catches a
+wrong formula."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ntk_explain import modules
+from ntk_explain.adapter import Batch
+from ntk_explain.cli import app
+from ntk_explain.kernels import gram
+from ntk_explain.pipeline import Budget, KernelSpec, featurizer
+from ntk_explain.planning import plan_tangents
+from tests import reference
+from tests.architectures import ARCHITECTURES, reference_jacobian, save_tiny_bert
+from tests.models import MODELS
+
+TOL = 1e-8
+N_TRAIN, N_TEST = 7, 4
+KERNELS = ("trace", "pseudo", "full")
+BLOCKS = ("train_train", "test_train", "diag_train", "diag_test")
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _write(path: Path, batch: torch.Tensor | dict, classes: int, seed: int) -> None:
+    arrays = {"x": batch} if isinstance(batch, torch.Tensor) else batch
+    n = len(next(iter(arrays.values())))
+    labels = np.random.default_rng(seed).integers(0, classes, n)
+    np.savez(path, **{name: a.numpy() for name, a in arrays.items()}, y=labels)
+
+
+def _invoke(*args: str) -> None:
+    result = CliRunner().invoke(app, [*args, "--quiet"])
+    assert result.exit_code == 0, result.output
+
+
+def _exact(j_rows: torch.Tensor, j_cols: torch.Tensor, kind: str, block: str) -> np.ndarray:
+    if block.startswith("diag"):
+        return reference.self_kernel(j_rows, kind).numpy()
+    return reference.kernel(j_rows, j_cols, kind).numpy()
+
+
+@pytest.fixture(scope="module")
+def hf_directory(tmp_path_factory) -> Path:
+    """A tiny randomly initialised BERT saved by `save_pretrained` (no download)."""
+    pytest.importorskip("transformers")
+    directory = tmp_path_factory.mktemp("hf") / "bert"
+    save_tiny_bert(directory)
+    return directory
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_exact_kernels_of_real_architectures(tmp_path, name, request):
+    """trace, pseudo and full exact kernels (every block) < 1e-8 against float64 jacrev; exit 0; attribute runs; the
+    kernel group says which parameters are generic and which path ran."""
+    arch = ARCHITECTURES[name]
+    train, test = arch.inputs(N_TRAIN, 0), arch.inputs(N_TEST, 1)
+    _write(tmp_path / "train.npz", train, arch.classes, 0)
+    _write(tmp_path / "test.npz", test, arch.classes, 1)
+    keyword = not isinstance(train, torch.Tensor)
+    keys = ["--x-key", ",".join(train)] if keyword else []
+    model = ["--model", f"hf:{request.getfixturevalue('hf_directory')}"] if name == "hf_bert" else []
+    model = model or ["--model", f"tests.architectures:{name}"]
+    run = str(tmp_path / "run.h5")
+    common = [*model, "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"), *keys]
+    _invoke("compute", *common, "--kernel", ",".join(KERNELS), "--dtype", "float64", "--batch-size", "3", "--out", run)
+    net = arch.factory()  # hf_bert: the weights saved in hf_directory
+    j_train, j_test = reference_jacobian(net, train), reference_jacobian(net, test)
+    with h5py.File(run) as f:
+        for kind in KERNELS:
+            group = f[f"kernel/{kind}"]
+            for block in BLOCKS:
+                rows = j_train if block in ("train_train", "diag_train") else j_test
+                assert rel(group[block][()], _exact(rows, j_train, kind, block)) < TOL, (kind, block)
+            assert group.attrs["tangent_path"] in ("batched", "vmap", "loop")
+            assert group.attrs["check_error"] < 1e-6 and group.attrs["check_dtype"] == "float64"
+            generic = json.loads(group.attrs["generic"])
+            assert all(reason for reason in generic)
+    _invoke("attribute", run)
+    with h5py.File(run) as f:
+        assert f["attribution/scores"].shape == (N_TEST, N_TRAIN)
+        assert 0.0 <= f["faithfulness"].attrs["agreement"] <= 1.0
+    for kind in ("sparse", "tensorsketch"):
+        out = str(tmp_path / f"{kind}.h5")
+        _invoke("compute", *common, "--kernel", "trace", "--projection", kind, "--proj-dim", "64", "--out", out)
+        with h5py.File(out) as f:
+            assert np.isfinite(f[f"kernel/trace-{kind}-64/train_train"][()]).all()
+
+
+@pytest.mark.parametrize("kind", ["sparse", "tensorsketch"])
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_projected_kernels_of_real_architectures_are_unbiased(name, kind):
+    """The mean of 24 seeds' projected trace kernels is much closer to the exact one than one seed's (~1/√24)."""
+    arch = ARCHITECTURES[name]
+    net = arch.factory()
+    x = arch.inputs(N_TRAIN, 0)
+    jac = reference_jacobian(net, x)
+    exact = reference.kernel(jac, jac, "trace").numpy()
+    budget = Budget(torch.device("cpu"), 2**30)
+    runs = []
+    for seed in range(24):
+        features = featurizer(net, KernelSpec("trace", kind, 32, seed), Batch.of(x), budget).featurize(x).dense
+        flat = features.reshape(N_TRAIN, -1)
+        runs.append((flat @ flat.T).numpy())
+    single = np.mean([rel(run, exact) for run in runs])
+    assert rel(np.mean(runs, axis=0), exact) <= 0.6 * single + 1e-12
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "formula"),
+    [("mlp", "1", "site_inputs"), ("cnn", "0", "weight_gradient"), ("normed", "norm", "normalised")],
+    ids=["factorised", "formed", "affine"],
+)
+def test_a_wrong_formula_is_caught_and_computed_generically(tmp_path, monkeypatch, name, target, formula):
+    """A layer's formula made wrong (its site inputs, its formed gradient, its x̂ scaled by 1.01) fails the plan's
+    self-check: the layer goes to the generic path, and the kernel is exact."""
+    factory, _, _ = MODELS[name]
+    model = factory()
+    wrong_module = dict(model.named_modules())[target]
+    real = getattr(modules, formula)
+
+    def wrong(module, *args):
+        value = real(module, *args)
+        return value * 1.01 if module is wrong_module else value
+
+    monkeypatch.setattr(modules, formula, wrong)
+    x = torch.randn(6, *MODELS[name][1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plan = plan_tangents(model, x)
+    demoted = {n: r for n, r in plan.generic.items() if n.startswith(f"{target}.")}
+    assert demoted and all(r.startswith("failed the self-check") for r in demoted.values())
+    assert target not in [s.module for s in plan.structured]
+    features = featurizer(model, KernelSpec("full"), x, Budget(torch.device("cpu"), 2**30)).featurize(x)
+    jac = reference.jacobian(model, x)
+    assert rel(gram(features, features, "full"), reference.kernel(jac, jac, "full")) < TOL
