@@ -209,7 +209,9 @@ def instrumented(
     for index, (name, module) in enumerate(modules.items()):
         record[name] = []
 
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Tensor, index: int = index, name: str = name) -> Tensor:  # noqa: E501
+        def hook(
+            mod: nn.Module, args: tuple, kwargs: dict, out: Tensor, index: int = index, name: str = name
+        ) -> Tensor:
             calls = record[name]
             try:
                 sites = structure.site_inputs(mod, call_input(args, kwargs))

@@ -190,9 +190,7 @@ class Featurizer:
     attrs: dict
 
 
-def featurizer(
-    model: nn.Module | ModelAdapter, spec: KernelSpec, probe: Tensor | Batch, budget: Budget
-) -> Featurizer:
+def featurizer(model: nn.Module | ModelAdapter, spec: KernelSpec, probe: Tensor | Batch, budget: Budget) -> Featurizer:
     """The featurizer of `spec` for inputs like `probe` (a few samples, on the budget's device): its first two
     samples plan the tangents and prove the plan (`plan_tangents`); for a sketch, all of it sets the layout: the
     layers' directions and the groups' shares of d (`sketch_layout`)."""

@@ -19,8 +19,10 @@ use of its parameters, and then only when its formula reproduces plain autograd:
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,7 +44,7 @@ from ntk_explain.gradients import (
     select_parameters,
     tangent_factors,
 )
-from ntk_explain.selfcheck import contracted_gradients, gradient_errors, in_dtype, output_weights, reference_gradients
+from ntk_explain.selfcheck import gradient_errors, in_dtype, output_weights
 
 CHECK_ROWS = 2
 TOLERANCE = {torch.float64: 1e-6}  # relative error of a parameter's gradient; 1e-3 in lower precision
@@ -186,7 +188,6 @@ def _assemble(
     return replace(plan, path=path, generic={name: reasons[name] for name in plan.jacobian})
 
 
-
 def _entry(name: str, module: nn.Module, method: str, calls: list, ids: dict[int, str]) -> Layer | Lookup | Affine:
     """The plan's entry for a structured module from its calls."""
     shapes = tuple((1, *shape[1:]) for _, shape in calls)
@@ -215,7 +216,8 @@ def plan_tangents(
     """The plan of the selected parameters for the model's output map `output`, from the first two rows of `probe`
     (one row is taken twice), proved on them by the self-check unless `verify` is False. The plan's `generic` says
     why each Jacobian parameter is not structured, its `check` the largest relative error, the check's time and
-    dtype."""
+    dtype. A proved plan is kept for the same model, state, probe rows and options (`_fingerprint`), so that the
+    kernels of one output map share one check."""
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}")
     adapter = as_adapter(model)
@@ -228,17 +230,61 @@ def plan_tangents(
         for name, m in adapter.module.named_modules()
         if structure.structured_method(m)[0] and any(id(p) in ids for p in m.parameters(recurse=False))
     }
+    key = _fingerprint(adapter, rows, output, globs, max_check_bytes)
+    proved = _PROVED.setdefault(adapter.module, {})
+    if verify and key in proved:
+        return proved[key]
     began = time.perf_counter()
     dry = _dry_run(adapter, rows, candidates)
+    outputs = 1 if output == "pseudo" else dry.classes
     excluded: dict[str, str] = {}
 
     def assemble(looped: bool) -> TangentPlan:
         return _assemble(adapter, dry, params, output, outputs, excluded, looped, CHECK_ROWS)
 
-    outputs = 1 if output == "pseudo" else dry.classes
-    plan = assemble(False)
     if not verify:
-        return plan
+        return assemble(False)
+    plan, error, dtype = _proved(adapter, rows, assemble, excluded, max_check_bytes)
+    check = {"error": error, "seconds": time.perf_counter() - began, "dtype": str(dtype).removeprefix("torch.")}
+    proved[key] = replace(plan, check={**check, "rows": CHECK_ROWS})
+    return proved[key]
+
+
+_PROVED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, TangentPlan]] = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(adapter: ModelAdapter, rows: Batch, output: str, globs: tuple | None, max_check_bytes: int) -> tuple:
+    """What a proved plan depends on: the options, the probe rows' bytes, and the model's modules (their names, types,
+    modes and hooks) and state (every parameter and buffer, its storage, version, dtype, shape, device, grad flag)."""
+    digest = hashlib.sha256()
+    for name, a in rows.arrays.items():
+        digest.update(f"{name}:{a.dtype}:{tuple(a.shape)}".encode())
+        digest.update(a.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    model = adapter.module
+    modules = tuple(
+        (name, type(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
+        for name, m in model.named_modules()
+    )
+    state = tuple(
+        (name, t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device, t.requires_grad)
+        for name, t in (*model.named_parameters(), *model.named_buffers())
+    )
+    options = (output, tuple(globs or ()), max_check_bytes, adapter.output_key, rows.keyword)
+    return options, digest.hexdigest(), modules, state
+
+
+def _proved(
+    adapter: ModelAdapter,
+    rows: Batch,
+    assemble: Callable[[bool], TangentPlan],
+    excluded: dict[str, str],
+    max_check_bytes: int,
+) -> tuple[TangentPlan, float, torch.dtype]:
+    """(the plan that passes the self-check, its largest relative error, the check's dtype): a structured module whose
+    parameters fail it goes to the generic path (`excluded`, with the reason); Jacobian parameters that fail under
+    vmap, or a model that vmap cannot run, take the per-sample loop; a model whose features cannot be computed at
+    all has every module generic."""
+    plan = assemble(False)
     while True:
         try:
             plan, errors, dtype = _verified(adapter, plan, rows, max_check_bytes)
@@ -263,9 +309,7 @@ def plan_tangents(
                 " between two evaluations): is it random in eval mode?"
             )
         else:
-            break
-    check = {"error": max(errors.values(), default=0.0), "seconds": time.perf_counter() - began}
-    return replace(plan, check={**check, "dtype": str(dtype).removeprefix("torch."), "rows": CHECK_ROWS})
+            return plan, max(errors.values(), default=0.0), dtype
 
 
 _FALLBACKS = {"batched": ("batched", "loop"), "vmap": ("vmap", "loop"), "loop": ("loop",)}
@@ -292,9 +336,7 @@ def _verified(
                 failure = failure or exc
                 continue
             weights = output_weights(len(batch), plan.outputs, factors.dense)
-            fast = contracted_gradients(candidate, factors, weights)
-            errors = gradient_errors(fast, reference_gradients(adapter, candidate, batch, weights))
-            return replace(plan, path=path), errors, dtype
+            return replace(plan, path=path), gradient_errors(adapter, candidate, batch, factors, weights), dtype
     raise _Unrunnable(_first_line(failure)) from failure
 
 
