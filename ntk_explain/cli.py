@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -87,12 +88,15 @@ OutputKey = Annotated[
 
 
 def reported(command: Callable) -> Callable:
-    """Turn expected failures into one stderr line and the exit codes of SPEC §7."""
+    """Turn expected failures into one stderr line and the exit codes of SPEC §7; --quiet silences warnings."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                if kwargs.get("quiet"):  # torch's warnings that our calls trigger, too
+                    warnings.simplefilter("ignore")
+                return command(*args, **kwargs)
         except Exception as error:
             if kwargs.get("debug"):
                 raise

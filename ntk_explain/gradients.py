@@ -328,7 +328,12 @@ def _batched_deltas(
         )
     grads = iter(g if k > 1 else g[None] for g in grads)  # (K, n, *out)
     deltas = [[next(grads).movedim(0, 1)[:, :, None] for _ in calls] for calls in eps]
-    return deltas, [[site if graph else site.detach() for site, _ in record[m]] for m in structured]
+    return deltas, [[_kept(site, graph) for site, _ in record[m]] for m in structured]
+
+
+def _kept(t: Tensor, graph: bool) -> Tensor:
+    """t with its graph when the features must be differentiable in the inputs, else detached."""
+    return t if graph else t.detach()
 
 
 def _vmapped(
@@ -366,7 +371,9 @@ def _looped(
     batch: Batch,
 ) -> tuple[dict[str, Tensor], list, list]:
     """What `_vmapped` gives, by plain autograd: for each sample a forward pass (a batch of one) and one backward
-    pass per output. Slow, but it runs every model that autograd runs."""
+    pass per output (differentiable in the inputs when a floating input requires grad). Slow, but it runs every model
+    that autograd runs."""
+    graph = torch.is_grad_enabled() and any(a.requires_grad for a in batch.arrays.values())
     samples = []
     for i in range(len(batch)):
         with torch.enable_grad():
@@ -379,7 +386,9 @@ def _looped(
             leaves = [*params.values(), *(e for calls in eps for e in calls)]
             last = len(o) - 1
             grads = [
-                torch.autograd.grad(o[k], leaves, retain_graph=k < last, allow_unused=True, materialize_grads=True)
+                torch.autograd.grad(
+                    o[k], leaves, retain_graph=graph or k < last, create_graph=graph, materialize_grads=True
+                )
                 for k in range(len(o))
             ]
         per_leaf = iter([torch.stack(g) for g in zip(*grads, strict=True)])  # (K, *leaf)
@@ -391,7 +400,7 @@ def _looped(
         for m, spec in enumerate(plan.structured)
     ]
     calls = [
-        [torch.stack([s[2][m][c][0][0].detach() for s in samples]) for c in range(len(spec.call_shapes))]
+        [torch.stack([_kept(s[2][m][c][0][0], graph) for s in samples]) for c in range(len(spec.call_shapes))]
         for m, spec in enumerate(plan.structured)
     ]
     return jac_free, jac_eps, calls

@@ -160,6 +160,9 @@ def _assemble(
                 reasons.setdefault(ids[id(p)], reason)
             continue
         entry = _entry(name, module, method, dry.calls[name], ids)
+        for p in own:  # e.g. weight_norm's g and v, from which a forward pre-hook makes the weight
+            if ids[id(p)] not in (entry.weight, getattr(entry, "bias", None)):
+                reasons[ids[id(p)]] = f"not {name}'s weight or bias"
         if isinstance(entry, Affine):
             affines.append(entry)
         elif isinstance(entry, Lookup):

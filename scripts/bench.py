@@ -36,6 +36,12 @@ What is measured
    MLP's projected pseudo kernel (tensorsketch, d = 4096) at N = 50 000 under a 3 GB budget, end to end through
    `compute_kernel` into a run file (wall time, peak RSS, file size).
 
+8. What the generic path costs: the exact trace kernel (N = 256, train × train) of pairs of models that compute alike
+   (scripts/generic_models.py), one with layers the tangent plan cannot structure: an `nn.TransformerEncoder` with
+   positions `pos(arange(L))` (vmap) against the same encoder written with `nn.Linear` projections and positions of a
+   (1, L) buffer (batched); a GRU (the per-sample loop); weight-standardised convs (vmap) against plain ones (formed).
+   Reported: samples/s, the path, the generic parameters and the self-check's time.
+
 How
 ---
 Every measurement runs in a fresh subprocess (`bench.py --worker NAME ...`) that prints its
@@ -84,6 +90,7 @@ ATTRIBUTE_DIM = 512
 ATTRIBUTE_CLASSES = 10
 ATTRIBUTE_BUDGET = 2 * 10**9
 DISTILL_REDUCTION = 20
+GENERIC_MODELS = ("attention_torch", "attention_linear", "gru", "stdconv", "conv")  # workload 8's, generic_models.py
 
 
 # ---------------------------------------------------------------- worker side (fresh process)
@@ -294,8 +301,48 @@ def quality_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
         "fwd_bwd_samples_per_s": args.n / min(plain),
         "base_rss_mb": base,
         "peak_rss_mb": peak_rss_mb(),
-        "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else None,
+        "cuda_peak_mb": torch_cuda_peak(device),
     }
+
+
+def generic_worker(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The exact trace kernel (train × train, through `compute_kernel`) of one of workload 8's models: samples/s, the
+    path the tangent plan took, its generic parameters and the self-check's time (a fresh plan's: the warm-up's)."""
+    import h5py
+    from generic_models import generic_inputs, make_generic_model
+
+    model = make_generic_model(args.model).to(device)
+    x = generic_inputs(args.model, args.n).to(device)
+    base = rss_now_mb()
+    tmp = Path(args.tmp)
+    ours_trace(model, x[:WARMUP_N], device, args.budget, tmp / "warmup.h5")
+    with h5py.File(tmp / "warmup.h5", "r") as run:
+        attrs = dict(run["kernel/trace"].attrs)
+    paths = iter(tmp / f"generic-{i}.h5" for i in range(args.repeats))
+    times = timed(lambda: ours_trace(model, x, device, args.budget, next(paths)), device, args.repeats)
+    generic = [name for names in json.loads(attrs["generic"]).values() for name in names]
+    sizes = dict(model.named_parameters())
+    return {
+        "worker": "generic",
+        "device": str(device),
+        "n": args.n,
+        "n_params": sum(p.numel() for p in sizes.values()),
+        "generic_params": sum(sizes[name].numel() for name in generic),
+        "path": str(attrs["tangent_path"]),
+        "check_s": float(attrs["check_seconds"]),
+        "times_s": times,
+        "best_s": min(times),
+        "samples_per_s": args.n / min(times),
+        "base_rss_mb": base,
+        "peak_rss_mb": peak_rss_mb(),
+        "cuda_peak_mb": torch_cuda_peak(device),
+    }
+
+
+def torch_cuda_peak(device: torch.device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else None
 
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -312,6 +359,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         return attribute_worker(args, device)
     if args.worker == "quality":
         return quality_worker(args, device)
+    if args.worker == "generic":
+        return generic_worker(args, device)
     if args.worker == "weights":
         from safetensors.torch import save_file
 
@@ -373,7 +422,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "best_s": min(times),
         "base_rss_mb": base,
         "peak_rss_mb": peak_rss_mb(),
-        "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else None,
+        "cuda_peak_mb": torch_cuda_peak(device),
         **extra,
     }
 
@@ -410,7 +459,6 @@ def synthetic_run(path: Path, m: int, n: int, dim: int, classes: int) -> None:
 
 def attribute_worker(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """`synthetic`: write the synthetic run file; `attribute`: fit, attribute and score it under the budget."""
-    import torch
 
     path = Path(args.tmp) / "synthetic.h5"
     base = rss_now_mb()
@@ -433,7 +481,7 @@ def attribute_worker(args: argparse.Namespace, device: torch.device) -> dict[str
         "best_s": elapsed,
         "base_rss_mb": base,
         "peak_rss_mb": peak_rss_mb(),
-        "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else None,
+        "cuda_peak_mb": torch_cuda_peak(device),
         "file_mb": path.stat().st_size / MB,
         **extra,
     }
@@ -720,6 +768,23 @@ def workload_targets(args: argparse.Namespace, tmp: str) -> tuple[list[Row], dic
     return rows, raw
 
 
+def workload_generic(args: argparse.Namespace, tmp: str, n: int, repeats: int) -> tuple[list[Row], dict]:
+    """8: what the generic path costs: the exact trace kernel of pairs of models that compute alike, one with layers
+    the plan cannot structure (nn.MultiheadAttention and positions without a batch axis: vmap; a GRU: the per-sample
+    loop; weight-standardised convs: vmap), one without (scripts/generic_models.py)."""
+    rows, raw = [], {}
+    for name in GENERIC_MODELS:
+        result = measure(f"8 exact trace ({name})", "generic", args, tmp, n=n, repeats=repeats, model=name)
+        row = Row(f"8 exact trace, {name}", n, result.get("best_s"), peak_ours_mb=result.get("peak_rss_mb"))
+        row.note = result.get("error") or (
+            f"{result['samples_per_s']:.0f} samples/s; path {result['path']}; generic "
+            f"{result['generic_params']} of {result['n_params']} params; self-check {1000 * result['check_s']:.0f} ms"
+        )
+        rows.append(row)
+        raw[name] = result
+    return rows, raw
+
+
 def fmt(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -758,10 +823,11 @@ def run_all(args: argparse.Namespace) -> None:
         "5": lambda tmp: workload_distill(args, tmp, DISTILL_REDUCTION),
         "6": lambda tmp: workload_quality(args, tmp, n3 // 4),
         "7": lambda tmp: workload_targets(args, tmp),
+        "8": lambda tmp: workload_generic(args, tmp, n3 // 4, repeats),
     }
     rows, raws = [], {}
     with tempfile.TemporaryDirectory(prefix="ntk-bench-") as tmp:
-        for key in (args.only or ("1,2,3,4,5,6" if args.quick else "1,2,3,4,5,6,7")).split(","):
+        for key in (args.only or ("1,2,3,4,5,6,8" if args.quick else "1,2,3,4,5,6,7,8")).split(","):
             found, raw = workloads[key](tmp)
             rows += found if isinstance(found, list) else [found]
             raws[key] = raw
@@ -801,7 +867,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     worker.add_argument("--budget", type=int, default=TRACE_BUDGET, help=argparse.SUPPRESS)
     worker.add_argument("--save", help=argparse.SUPPRESS)
     worker.add_argument("--reference", help=argparse.SUPPRESS)
-    worker.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help=argparse.SUPPRESS)
+    worker.add_argument("--model", default="mlp", choices=("mlp", "cnn", *GENERIC_MODELS), help=argparse.SUPPRESS)
     worker.add_argument("--kind", default="gaussian", help=argparse.SUPPRESS)
     worker.add_argument("--projection", default="none", help=argparse.SUPPRESS)
     worker.add_argument("--dim", type=int, default=PROJ_DIM, help=argparse.SUPPRESS)

@@ -1,5 +1,6 @@
 """Small float64 test models: an MLP, a CNN with BatchNorm, models that reuse a Linear and a Conv2d, token-embedding
-models (one tied to its output layer) and models with LayerNorm, RMSNorm, GroupNorm and BatchNorm1d.
+models (one tied to its output layer), models with LayerNorm, RMSNorm, GroupNorm and BatchNorm1d, and one with
+position embeddings broadcast over the batch.
 
 `MODELS[name]` is (factory, input shape, vocabulary): inputs are Gaussian, or token ids below the vocabulary given
 as float64 (the pipeline computes in the inputs' dtype), which the model casts to indices."""
@@ -164,6 +165,28 @@ def grouped(classes: int = 3) -> nn.Module:
     return model.eval()
 
 
+class Positions(nn.Module):
+    """x (3, 4) → Linear(4, 4) at 3 positions + two learned position embeddings of a buffer arange(3)[None] (a batch
+    axis of 1, broadcast over the batch: a lookup, 16 rows, and a formed one, 3 rows) → tanh → flatten → Linear."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.pos = nn.Embedding(16, 4)
+        self.offset = nn.Embedding(3, 4)
+        self.head = nn.Linear(12, classes)
+        self.register_buffer("positions", torch.arange(3)[None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) + self.pos(self.positions) + self.offset(self.positions)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+def positions(classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return Positions(classes).double().eval()
+
+
 MODELS = {
     "mlp": (mlp, (6,), 0),
     "cnn": (cnn, (1, 4, 4), 0),
@@ -173,4 +196,5 @@ MODELS = {
     "tied": (tied, (4,), 7),
     "normed": (normed, (3, 6), 0),
     "grouped": (grouped, (2, 4, 4), 0),
+    "positions": (positions, (3, 4), 0),
 }

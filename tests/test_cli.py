@@ -73,6 +73,11 @@ def _write_data(folder: Path, seed: int = 0) -> dict[str, tuple[np.ndarray, np.n
     return data
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (its path there) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -293,6 +298,13 @@ def _text_file(folder: Path) -> None:
     (folder / "run.h5").write_text("this is not HDF5\n")
 
 
+def _hf_without_config(folder: Path) -> None:
+    """A directory with weights but no config.json, as `hf:bert`."""
+    _write_data(folder)
+    (folder / "bert").mkdir()
+    save_file({"w": torch.zeros(2)}, str(folder / "bert" / "model.safetensors"))
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -335,6 +347,10 @@ CASES = [
     Case("cuda_without_cuda", 2, [*BASE, "--device", "cuda"], env={"CUDA_VISIBLE_DEVICES": ""}),
     Case("model_kwargs_not_json", 2, [*BASE, "--model-kwargs", "{classes: 3"]),
     Case("params_match_nothing", 2, [*BASE, "--params", "nomatch.*"]),
+    Case("x_key_names_no_array", 3, [*BASE, "--x-key", "x,mask"]),
+    Case("input_arrays_of_different_lengths", 3, [*BASE, "--x-key", "x,mask"], setup=_npz(x=X, mask=X[:-1], y=Y)),
+    Case("output_key_missing", 3, [*BASE, "--output-key", "scores"]),
+    Case("hf_without_config", 3, [*BASE[:2], "hf:bert", *BASE[3:]], setup=_hf_without_config),
     Case("info_missing_file", 3, ["info", "run.h5"], setup=lambda folder: None),
     Case("info_not_hdf5", 3, ["info", "run.h5"], setup=_text_file),
 ]
@@ -358,7 +374,7 @@ def _bad_jobs(root: Path, selected: set[str]) -> tuple[dict, dict]:
             (folder / "train.npz").unlink()
         jobs[name] = (args, folder, None)
     for name, (_, folder, _) in jobs.items():
-        before[name] = {p.name: p.read_bytes() for p in folder.iterdir()}
+        before[name] = _files(folder)
     return jobs, before
 
 
@@ -406,7 +422,7 @@ def test_bad_input(bad, case):
         lines = result.stderr.rstrip("\n").split("\n")
         assert len(lines) == 1 and lines[0].strip(), result.stderr
     # nothing written, nothing changed, no temporary file left behind
-    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    after = _files(folder)
     assert after == before
     if case.args[0] == "compute" and "run.h5" not in before:
         assert not (folder / "run.h5").exists()
@@ -456,3 +472,18 @@ def test_entry_point_keeps_freed_memory_for_reuse():
     from ntk_explain.resources import retain_freed_memory
 
     assert retain_freed_memory() == sys.platform.startswith("linux")
+
+
+def test_quiet_silences_the_warnings_we_trigger(tmp_path):
+    """The torch Transformer runs under vmap, where torch warns that its attention has no batching rule: shown by
+    default, silenced with --quiet, as our own output is."""
+    from tests.architectures import ARCHITECTURES
+
+    ids = ARCHITECTURES["transformer_torch"].inputs(4, 0).numpy()
+    np.savez(tmp_path / "train.npz", x=ids, y=np.zeros(4, dtype=np.int64))
+    args = ["compute", "--model", "tests.architectures:transformer_torch", "--train", "train.npz", "--dtype", "float64"]
+    loud, quiet = _cli([*args, "--out", "loud.h5"], tmp_path), _cli([*args, "--out", "quiet.h5", "--quiet"], tmp_path)
+    _ok(loud)
+    _ok(quiet)
+    assert "UserWarning" in loud.stderr
+    assert quiet.stdout == quiet.stderr == ""

@@ -4,6 +4,7 @@ wrong formula."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from ntk_explain import modules
 from ntk_explain.adapter import Batch
 from ntk_explain.cli import app
+from ntk_explain.gradients import tangent_factors
 from ntk_explain.kernels import gram
 from ntk_explain.pipeline import Budget, KernelSpec, featurizer
 from ntk_explain.planning import plan_tangents
@@ -144,3 +146,95 @@ def test_a_wrong_formula_is_caught_and_computed_generically(tmp_path, monkeypatc
     features = featurizer(model, KernelSpec("full"), x, Budget(torch.device("cpu"), 2**30)).featurize(x)
     jac = reference.jacobian(model, x)
     assert rel(gram(features, features, "full"), reference.kernel(jac, jac, "full")) < TOL
+
+
+def _plan(name: str, output: str = "logits"):
+    arch = ARCHITECTURES[name]
+    return plan_tangents(arch.factory(), Batch.of(arch.inputs(2, 0)), output)
+
+
+def test_plan_records_why_parameters_are_generic():
+    """A parameter goes generic, with the reason, when it is used outside its module's forward, when its module's
+    class overrides the formula's forward, or when a call has no batch axis; a model that vmap cannot run takes the
+    per-sample loop; PyTorch's own modules stay structured around them."""
+    tied = _plan("tied_decoder")
+    assert tied.generic["enc.weight"].startswith("also used outside enc's forward") and tied.path == "vmap"
+    assert [layer.module for layer in tied.layers] == ["head"]
+    head = _plan("tied_embedding_head")
+    assert head.generic["emb.weight"].startswith("also used outside emb's forward")
+    std = _plan("std_conv")
+    assert std.generic["0.weight"] == "StdConv2d overrides Conv2d.forward" and [a.module for a in std.affines] == ["1"]
+    assert _plan("depthwise").generic["norm1.weight"] == "LayerNorm2d overrides LayerNorm.forward"
+    block = _plan("transformer_block")
+    assert block.generic == {"pos.weight": "a call without a batch axis (output (6, 8))"}
+    assert {"q", "k", "v", "out"} <= {layer.module for layer in (*block.layers, *block.formed)}
+    attention = _plan("transformer_torch")
+    assert attention.generic["encoder.layers.0.self_attn.in_proj_weight"] == "no structured form (MultiheadAttention)"
+    gru = _plan("gru")
+    assert gru.path == "loop" and gru.generic["gru.weight_ih_l0"] == "no structured form (GRU)"
+    depthwise = _plan("depthwise")
+    assert [layer.module for layer in depthwise.formed] == ["depthwise", "pointwise"]  # grouped: formed
+    conv1d = _plan("conv1d")
+    assert conv1d.path == "batched" and [layer.module for layer in conv1d.formed] == ["0", "3"] and not conv1d.generic
+
+
+@pytest.mark.parametrize("output", ["logits", "pseudo"])
+def test_broadcast_positions_are_lookups(output):
+    """Position embeddings of a (1, L) buffer are broadcast over the batch: each sample gets its own δ, as a lookup
+    (16 rows) and a formed lookup (3 rows), on the batched path."""
+    factory, shape, _ = MODELS["positions"]
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plan = plan_tangents(factory(), x, output)
+    assert [(e.module, e.broadcast) for e in plan.lookups] == [("pos", (True,))]
+    assert [(e.module, e.broadcast) for e in plan.formed_lookups] == [("offset", (True,))]
+    assert plan.path == "batched" and plan.jacobian == ()
+
+
+def test_hugging_face_bert_runs_batched(hf_directory):
+    """A Hugging Face BERT (2-D attention mask, whose masking code cannot run under vmap) has no Jacobian parameter:
+    its position embeddings (batch axis 1) and small tables are formed lookups, so it runs on the batched path."""
+    from ntk_explain.loading import load_model
+
+    loaded = load_model(f"hf:{hf_directory}")
+    plan = plan_tangents(loaded.module.double(), Batch.of(ARCHITECTURES["hf_bert"].inputs(2, 0)))
+    assert plan.path == "batched" and plan.jacobian == ()
+    assert "bert.embeddings.position_embeddings" in [e.module for e in plan.formed_lookups]
+
+
+def test_weight_norm_and_an_output_hook_stay_exact():
+    """A Linear under the old `weight_norm` (its weight made from g and v by a forward pre-hook: g and v are generic)
+    and a Linear whose output a user's forward hook doubles (its formula no longer holds: the self-check demotes it)
+    both give exact kernels."""
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning):
+        normed = torch.nn.utils.weight_norm(torch.nn.Linear(4, 5))
+    hooked = torch.nn.Linear(4, 5)
+    hooked.register_forward_hook(lambda _module, _args, out: 2 * out)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    for first, reason in ((normed, "not 0's weight or bias"), (hooked, "failed the self-check")):
+        model = torch.nn.Sequential(first, torch.nn.Tanh(), torch.nn.Linear(5, 3)).double().eval()
+        plan = plan_tangents(model, x)
+        assert all(r.startswith(reason) for r in plan.generic.values()) and plan.generic
+        features = featurizer(model, KernelSpec("full"), x, Budget(torch.device("cpu"), 2**30)).featurize(x)
+        jac = reference.jacobian(model, x)
+        assert rel(gram(features, features, "full"), reference.kernel(jac, jac, "full")) < TOL
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "normed", "positions"])
+def test_every_path_gives_the_same_features_and_input_gradients(name):
+    """The batched pass, vmap(jacrev) and the per-sample loop give the same kernel, and the same gradient of it with
+    respect to the inputs (kip differentiates the features through any of them)."""
+    factory, shape, _ = MODELS[name]
+    model = factory()
+    x = torch.randn(5, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plan = plan_tangents(model, x, "pseudo")
+    jac = reference.jacobian(model, x)
+    exact = reference.kernel(jac, jac, "pseudo")
+    gradients = []
+    for path in ("batched", "vmap", "loop"):
+        inputs = x.clone().requires_grad_()
+        factors = tangent_factors(model, dataclasses.replace(plan, path=path), inputs)
+        kernel = gram(factors, factors, "trace")
+        assert rel(kernel.detach(), exact) < TOL, path
+        gradients.append(torch.autograd.grad(kernel.sum(), inputs)[0])
+    assert rel(gradients[1], gradients[0]) < TOL and rel(gradients[2], gradients[0]) < TOL
