@@ -36,11 +36,12 @@ What is measured
    MLP's projected pseudo kernel (tensorsketch, d = 4096) at N = 50 000 under a 3 GB budget, end to end through
    `compute_kernel` into a run file (wall time, peak RSS, file size).
 
-8. What the generic path costs: the exact trace kernel (N = 256, train × train) of pairs of models that compute alike
-   (scripts/generic_models.py), one with layers the tangent plan cannot structure: an `nn.TransformerEncoder` with
-   positions `pos(arange(L))` (vmap) against the same encoder written with `nn.Linear` projections and positions of a
-   (1, L) buffer (batched); a GRU (the per-sample loop); weight-standardised convs (vmap) against plain ones (formed).
-   Reported: samples/s, the path, the generic parameters and the self-check's time.
+8. What the generic path costs: the exact trace kernel's tangent features (K = 10 outputs, N = 256 in tiles of 64)
+   of pairs of models that compute alike (scripts/generic_models.py), one with layers the tangent plan cannot
+   structure: an `nn.TransformerEncoder` with positions `pos(arange(L))` (vmap) against the same encoder written with
+   `nn.Linear` projections and positions of a (1, L) buffer (batched); a GRU (the per-sample loop); weight-standardised
+   convs (vmap) against plain ones (formed). Reported: samples/s, the path, the generic parameters and the time of a
+   fresh plan's self-check in a warm process.
 
 How
 ---
@@ -91,6 +92,7 @@ ATTRIBUTE_CLASSES = 10
 ATTRIBUTE_BUDGET = 2 * 10**9
 DISTILL_REDUCTION = 20
 GENERIC_MODELS = ("attention_torch", "attention_linear", "gru", "stdconv", "conv")  # workload 8's, generic_models.py
+GENERIC_TILE = 64
 
 
 # ---------------------------------------------------------------- worker side (fresh process)
@@ -306,21 +308,27 @@ def quality_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
 
 def generic_worker(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """The exact trace kernel (train × train, through `compute_kernel`) of one of workload 8's models: samples/s, the
-    path the tangent plan took, its generic parameters and the self-check's time (a fresh plan's: the warm-up's)."""
-    import h5py
+    """The exact trace kernel's tangent features (K = 10 outputs) of one of workload 8's models, in tiles of 64:
+    samples/s, the path the tangent plan took, its generic parameters, and the self-check's time for a fresh plan in
+    a warm process (probe rows the warm-up did not use)."""
     from generic_models import generic_inputs, make_generic_model
 
+    from ntk_explain.pipeline import Budget, KernelSpec, featurizer
+
     model = make_generic_model(args.model).to(device)
-    x = generic_inputs(args.model, args.n).to(device)
+    x = generic_inputs(args.model, args.n + 2).to(device)
     base = rss_now_mb()
-    tmp = Path(args.tmp)
-    ours_trace(model, x[:WARMUP_N], device, args.budget, tmp / "warmup.h5")
-    with h5py.File(tmp / "warmup.h5", "r") as run:
-        attrs = dict(run["kernel/trace"].attrs)
-    paths = iter(tmp / f"generic-{i}.h5" for i in range(args.repeats))
-    times = timed(lambda: ours_trace(model, x, device, args.budget, next(paths)), device, args.repeats)
-    generic = [name for names in json.loads(attrs["generic"]).values() for name in names]
+    budget = Budget(device, args.budget)
+    features = featurizer(model, KernelSpec("trace"), x[:WARMUP_N], budget)
+    features.featurize(x[:WARMUP_N])
+
+    def featurize_all() -> None:
+        for start in range(0, args.n, GENERIC_TILE):
+            features.featurize(x[start : min(args.n, start + GENERIC_TILE)])
+
+    times = timed(featurize_all, device, args.repeats)
+    fresh = featurizer(model, KernelSpec("trace"), x[args.n :], budget).attrs
+    generic = [name for names in json.loads(fresh["generic"]).values() for name in names]
     sizes = dict(model.named_parameters())
     return {
         "worker": "generic",
@@ -328,8 +336,8 @@ def generic_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
         "n": args.n,
         "n_params": sum(p.numel() for p in sizes.values()),
         "generic_params": sum(sizes[name].numel() for name in generic),
-        "path": str(attrs["tangent_path"]),
-        "check_s": float(attrs["check_seconds"]),
+        "path": fresh["tangent_path"],
+        "check_s": fresh["check_seconds"],
         "times_s": times,
         "best_s": min(times),
         "samples_per_s": args.n / min(times),
@@ -769,13 +777,13 @@ def workload_targets(args: argparse.Namespace, tmp: str) -> tuple[list[Row], dic
 
 
 def workload_generic(args: argparse.Namespace, tmp: str, n: int, repeats: int) -> tuple[list[Row], dict]:
-    """8: what the generic path costs: the exact trace kernel of pairs of models that compute alike, one with layers
-    the plan cannot structure (nn.MultiheadAttention and positions without a batch axis: vmap; a GRU: the per-sample
-    loop; weight-standardised convs: vmap), one without (scripts/generic_models.py)."""
+    """8: what the generic path costs: the exact trace kernel's tangent features of pairs of models that compute alike,
+    one with layers the plan cannot structure (nn.MultiheadAttention and positions without a batch axis: vmap; a GRU:
+    the per-sample loop; weight-standardised convs: vmap), one without (scripts/generic_models.py)."""
     rows, raw = [], {}
     for name in GENERIC_MODELS:
         result = measure(f"8 exact trace ({name})", "generic", args, tmp, n=n, repeats=repeats, model=name)
-        row = Row(f"8 exact trace, {name}", n, result.get("best_s"), peak_ours_mb=result.get("peak_rss_mb"))
+        row = Row(f"8 exact trace features, {name}", n, result.get("best_s"), peak_ours_mb=result.get("peak_rss_mb"))
         row.note = result.get("error") or (
             f"{result['samples_per_s']:.0f} samples/s; path {result['path']}; generic "
             f"{result['generic_params']} of {result['n_params']} params; self-check {1000 * result['check_s']:.0f} ms"
@@ -857,7 +865,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated workloads to run (default: 1-7; 1-6 with --quick)")
     worker.add_argument(
         "--worker",
-        choices=("ours", "naive", "project", "synthetic", "attribute", "weights", "quality"),
+        choices=("ours", "naive", "project", "synthetic", "attribute", "weights", "quality", "generic"),
         help=argparse.SUPPRESS,
     )
     worker.add_argument("--m", type=int, default=1000, help=argparse.SUPPRESS)
