@@ -251,14 +251,13 @@ def tangent_factors(model: nn.Module | ModelAdapter, plan: TangentPlan, x: Tenso
     structured = {s.module: named[s.module] for s in plan.structured}
     free = {name: plan.params[name].detach() for name in plan.jacobian}
     held = {name: p.detach() for name, p in plan.params.items() if name not in free}
+    context = _Context(adapter, plan, structured, held)
     n, k = len(batch), plan.outputs
     if plan.path == "batched" and not free:
-        jac_free, (jac_eps, calls) = {}, _batched_deltas(adapter, plan, structured, held, batch)
-    elif plan.path == "loop":
-        jac_free, jac_eps, calls = _looped(adapter, plan, structured, free, held, batch)
+        jac_free, (jac_eps, calls) = {}, _batched_deltas(context, batch)
     else:
-        jac_free, jac_eps, calls = _vmapped(adapter, plan, structured, free, held, batch)
-    module_of = [structured[s.module] for s in plan.structured]
+        jac_free, jac_eps, calls = (_looped if plan.path == "loop" else _vmapped)(context, free, batch)
+    module_of = list(structured.values())
     layers, formed = len(plan.layers), len(plan.layers) + len(plan.formed)
     first_formed_lookup = formed + len(plan.lookups)
     first_affine = len(plan.structured) - len(plan.affines)
@@ -288,8 +287,29 @@ def tangent_factors(model: nn.Module | ModelAdapter, plan: TangentPlan, x: Tenso
     )
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What every path needs: the model, the plan, its structured modules (in `plan.structured` order) and the
+    parameters held fixed (the structured ones, whose gradients come from δ)."""
+
+    adapter: ModelAdapter
+    plan: TangentPlan
+    structured: dict[str, nn.Module]
+    held: dict[str, Tensor]
+
+
 def _zeros(batch: Batch, shape: tuple[int, ...], dtype: torch.dtype, grad: bool = False) -> Tensor:
     return torch.zeros(shape, dtype=dtype, device=batch.device, requires_grad=grad)
+
+
+def _graph(batch: Batch) -> bool:
+    """Whether the features must be differentiable in the inputs: a floating input requires grad."""
+    return torch.is_grad_enabled() and any(a.requires_grad for a in batch.arrays.values())
+
+
+def _kept(t: Tensor, graph: bool) -> Tensor:
+    """t with its graph when the features must be differentiable in the inputs, else detached."""
+    return t if graph else t.detach()
 
 
 def _unpadded(lookup: Lookup, delta: Tensor, rows: Tensor) -> Tensor:
@@ -299,26 +319,20 @@ def _unpadded(lookup: Lookup, delta: Tensor, rows: Tensor) -> Tensor:
     return delta * (rows != lookup.padding_idx)[:, None, :, None].to(delta.dtype)
 
 
-def _batched_deltas(
-    adapter: ModelAdapter,
-    plan: TangentPlan,
-    structured: dict[str, nn.Module],
-    params: dict[str, Tensor],
-    batch: Batch,
-) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+def _batched_deltas(context: _Context, batch: Batch) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
     """δ of every call of every structured module (n, K, 1, *out) and its site inputs (`site_inputs`), from one
     batched forward pass with ε = 0 added to the outputs (views of one zero, not zeros of every output's size) and
     the backward passes of the K outputs summed over the batch; differentiable in the inputs when a floating input
     requires grad (as `vmap(jacrev)` is)."""
-    graph = torch.is_grad_enabled() and any(a.requires_grad for a in batch.arrays.values())
+    plan, graph = context.plan, _graph(batch)
     record: dict[str, list] = {}
     n = len(batch)
     with torch.enable_grad():
         zero = _zeros(batch, (), plan.dtype, grad=True)
         eps = tuple(tuple(zero.expand(n, *shape[1:]) for shape in s.call_shapes) for s in plan.structured)
         expand = (n, [s.broadcast or (False,) * len(s.call_shapes) for s in plan.structured])
-        with instrumented(structured, eps, record, expand):
-            logits = adapter.functional({**plan.fixed, **params}, batch)
+        with instrumented(context.structured, eps, record, expand):
+            logits = context.adapter.functional({**plan.fixed, **context.held}, batch)
         o = output_map(logits, plan.output)  # (n, K)
         k = o.shape[-1]
         ones = torch.eye(k, dtype=o.dtype, device=o.device)[:, None, :].expand(k, *o.shape)
@@ -328,30 +342,19 @@ def _batched_deltas(
         )
     grads = iter(g if k > 1 else g[None] for g in grads)  # (K, n, *out)
     deltas = [[next(grads).movedim(0, 1)[:, :, None] for _ in calls] for calls in eps]
-    return deltas, [[_kept(site, graph) for site, _ in record[m]] for m in structured]
+    return deltas, [[_kept(site, graph) for site, _ in record[m]] for m in context.structured]
 
 
-def _kept(t: Tensor, graph: bool) -> Tensor:
-    """t with its graph when the features must be differentiable in the inputs, else detached."""
-    return t if graph else t.detach()
-
-
-def _vmapped(
-    adapter: ModelAdapter,
-    plan: TangentPlan,
-    structured: dict[str, nn.Module],
-    free: dict[str, Tensor],
-    held: dict[str, Tensor],
-    batch: Batch,
-) -> tuple[dict[str, Tensor], list, list]:
+def _vmapped(context: _Context, free: dict[str, Tensor], batch: Batch) -> tuple[dict[str, Tensor], list, list]:
     """(Jacobians of the free parameters (n, K, *shape), δ (n, K, 1, *out) and site inputs per structured call) by
     `vmap(jacrev)` over the samples, each a batch of one."""
+    plan, structured = context.plan, context.structured
 
     def outputs(free_params: dict[str, Tensor], eps_one: tuple, arrays_one: dict[str, Tensor]) -> tuple:
         row = Batch({name: a.unsqueeze(0) for name, a in arrays_one.items()}, batch.keyword)
         record: dict[str, list] = {}
         with instrumented(structured, eps_one, record):
-            logits = adapter.functional({**plan.fixed, **held, **free_params}, row)
+            logits = context.adapter.functional({**plan.fixed, **context.held, **free_params}, row)
         return output_map(logits[0], plan.output), tuple(tuple(s for s, _ in record[m]) for m in structured)
 
     n = len(batch)
@@ -362,26 +365,19 @@ def _vmapped(
     return jac_free, jac_eps, [[c[:, 0] for c in module_calls] for module_calls in calls]  # each sample's batch of one
 
 
-def _looped(
-    adapter: ModelAdapter,
-    plan: TangentPlan,
-    structured: dict[str, nn.Module],
-    free: dict[str, Tensor],
-    held: dict[str, Tensor],
-    batch: Batch,
-) -> tuple[dict[str, Tensor], list, list]:
+def _looped(context: _Context, free: dict[str, Tensor], batch: Batch) -> tuple[dict[str, Tensor], list, list]:
     """What `_vmapped` gives, by plain autograd: for each sample a forward pass (a batch of one) and one backward
     pass per output (differentiable in the inputs when a floating input requires grad). Slow, but it runs every model
     that autograd runs."""
-    graph = torch.is_grad_enabled() and any(a.requires_grad for a in batch.arrays.values())
-    samples = []
+    plan, graph = context.plan, _graph(batch)
+    jacobians, deltas, sites = [], [], []  # per sample
     for i in range(len(batch)):
         with torch.enable_grad():
             params = {name: p.detach().requires_grad_() for name, p in free.items()}
             eps = [[_zeros(batch, shape, plan.dtype, grad=True) for shape in s.call_shapes] for s in plan.structured]
             record: dict[str, list] = {}
-            with instrumented(structured, eps, record):
-                logits = adapter.functional({**plan.fixed, **held, **params}, batch[i : i + 1])
+            with instrumented(context.structured, eps, record):
+                logits = context.adapter.functional({**plan.fixed, **context.held, **params}, batch[i : i + 1])
             o = output_map(logits[0], plan.output)
             leaves = [*params.values(), *(e for calls in eps for e in calls)]
             last = len(o) - 1
@@ -391,19 +387,15 @@ def _looped(
                 )
                 for k in range(len(o))
             ]
-        per_leaf = iter([torch.stack(g) for g in zip(*grads, strict=True)])  # (K, *leaf)
-        jac = {name: next(per_leaf) for name in params}
-        samples.append((jac, [[next(per_leaf) for _ in calls] for calls in eps], [record[m] for m in structured]))
-    jac_free = {name: torch.stack([s[0][name] for s in samples]) for name in free}
-    jac_eps = [
-        [torch.stack([s[1][m][c] for s in samples]) for c in range(len(spec.call_shapes))]
-        for m, spec in enumerate(plan.structured)
-    ]
-    calls = [
-        [torch.stack([_kept(s[2][m][c][0][0], graph) for s in samples]) for c in range(len(spec.call_shapes))]
-        for m, spec in enumerate(plan.structured)
-    ]
-    return jac_free, jac_eps, calls
+        per_leaf = iter(torch.stack(g) for g in zip(*grads, strict=True))  # (K, *leaf)
+        jacobians.append({name: next(per_leaf) for name in params})
+        deltas.append([[next(per_leaf) for _ in calls] for calls in eps])
+        sites.append([[_kept(site[0], graph) for site, _ in record[m]] for m in context.structured])
+
+    def stacked(per_sample: list[list[list[Tensor]]]) -> list[list[Tensor]]:
+        return [[torch.stack(call) for call in zip(*module, strict=True)] for module in zip(*per_sample, strict=True)]
+
+    return {name: torch.stack([j[name] for j in jacobians]) for name in free}, stacked(deltas), stacked(sites)
 
 
 def _summed(terms: Iterable[Tensor]) -> Tensor:

@@ -61,7 +61,13 @@ def main() -> None:
         before, after = runs["before"], runs["after"]
         b, a = min(before), min(after)
         mb, ma = statistics.median(before), statistics.median(after)
-        print(f"| {job} | {1e3 * b:.1f} / {1e3 * mb:.1f} | {1e3 * a:.1f} / {1e3 * ma:.1f} | {a / b:.2f}×, {ma / mb:.2f}× |")
+        cells = [
+            job,
+            f"{1e3 * b:.1f} / {1e3 * mb:.1f}",
+            f"{1e3 * a:.1f} / {1e3 * ma:.1f}",
+            f"{a / b:.2f}×, {ma / mb:.2f}×",
+        ]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
