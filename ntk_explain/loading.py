@@ -86,6 +86,13 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _sha256_files(paths: list[Path]) -> str | None:
+    """The SHA-256 of one file, of several files' digests in order, or None for none."""
+    if len(paths) < 2:
+        return sha256_file(paths[0]) if paths else None
+    return hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
@@ -314,12 +321,10 @@ def _build(spec: str, factory: Callable[..., object], kwargs: dict) -> nn.Module
     return module
 
 
-HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-
-
-def _hf_model(spec: str, kwargs: dict) -> tuple[nn.Module, Path, Path]:
+def _hf_model(spec: str, kwargs: dict) -> tuple[nn.Module, Path, list[Path]]:
     """A Hugging Face sequence classifier from a local `save_pretrained` directory (config.json and safetensors
-    weights), with local files only and no remote code; returns it with its config and weights files."""
+    weights, one file or shards), with local files only and no remote code; returns it with its config and weights
+    files."""
     if kwargs:
         raise UsageError(f"model {spec}: model kwargs do not apply to a Hugging Face directory")
     directory = Path(spec.removeprefix("hf:"))
@@ -328,8 +333,8 @@ def _hf_model(spec: str, kwargs: dict) -> tuple[nn.Module, Path, Path]:
         raise BadInputError(f"model {spec}: not a directory")
     if not config.is_file():
         raise BadInputError(f"model {spec}: no config.json (expected a directory written by save_pretrained)")
-    weights = next((directory / name for name in HF_WEIGHTS if (directory / name).is_file()), None)
-    if weights is None:
+    weights = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.safetensors.index.json"))
+    if not weights:
         raise BadInputError(f"model {spec}: no model.safetensors (pickled weights, pytorch_model.bin, are refused)")
     try:
         import transformers
@@ -507,7 +512,7 @@ def load_model(spec: str, kwargs: dict | None = None, weights: str | None = None
     kwargs = dict(kwargs or {})
     exported = not spec.startswith(("zoo:", "hf:")) and spec.lower().endswith(".pt2")
     source: Path | None = Path(spec) if exported else None  # the file whose bytes identify the model
-    bundled: Path | None = None  # the weights a Hugging Face directory holds
+    bundled: list[Path] = []  # the weights files a Hugging Face directory holds
     if exported:
         module = _exported_model(spec, kwargs)
     elif spec.startswith("hf:"):
@@ -533,7 +538,7 @@ def load_model(spec: str, kwargs: dict | None = None, weights: str | None = None
         spec=spec,
         kwargs=kwargs,
         model_sha256=model_sha256,
-        weights_sha256=sha256_file(weights) if weights is not None else bundled and sha256_file(bundled),
+        weights_sha256=sha256_file(weights) if weights is not None else _sha256_files(bundled),
     )
 
 

@@ -208,7 +208,7 @@ def featurizer(model: nn.Module | ModelAdapter, spec: KernelSpec, probe: Tensor 
             attrs={},
         )
     plan = plan_tangents(adapter, probe, output_map(spec.kernel), spec.params, max_check_bytes=budget.bytes // 4)
-    itemsize = torch.empty((), dtype=plan.dtype).element_size()
+    itemsize = plan.dtype.itemsize
     k = plan.outputs
     entries = {"trace": 1, "diagonal": k, "full": k * k}[contraction(spec.kernel)]  # per (row, column) pair
     dense = sum(plan.params[n].numel() for n in plan.dense)
@@ -470,7 +470,7 @@ def _compute_kernel(
     sets = [Batch.of(train)] + ([Batch.of(test)] if test is not None else [])
     features = featurizer(model, spec, sets[0][:SKETCH_PROBE].to(budget.device), budget)
     if "tile" not in group.attrs:  # the ranks agree on one tile
-        tile = _tile_size(len(train), features.work_bytes, features.pair_bytes, budget)
+        tile = _tile_size(len(sets[0]), features.work_bytes, features.pair_bytes, budget)
         tile = distributed.smallest(tile, budget.shard, budget.device)
         store.set_attrs(group, {"tile": tile, "complete": False})
         run.flush()
@@ -646,7 +646,7 @@ def distill_support(
     features = featurizer(model, spec, x[:SKETCH_PROBE].to(device), budget)
     width = features.classes * spec.proj_dim
     rows = len(x) + (len(test) if test is not None else 0)
-    if 3 * rows * width * torch.empty((), dtype=features.dtype).element_size() > budget.bytes:
+    if 3 * rows * width * features.dtype.itemsize > budget.bytes:
         raise OutOfMemoryError(f"distilling needs the {rows}×{width} projected features in memory: lower --proj-dim")
     tile = _tile_size(len(x), features.work_bytes, features.pair_bytes, budget)
     phi = _all_features(features, x, tile, device, progress, "train features")

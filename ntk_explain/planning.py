@@ -140,7 +140,13 @@ def _assemble(
     looped: bool,
     n: int,
 ) -> TangentPlan:
-    """The plan from the dry run: every module that can be structured is, the rest is generic (with the reason)."""
+    """The plan from the dry run: every module that can be structured is, the rest is generic (with the reason).
+
+    By cost per pair of samples, with K outputs and S sites per sample: a Linear or conv is factorised when its Gram
+    is no dearer than the dense one, S²(K·d_out + d_in) ≤ K·d_out·d_in, else formed (every grouped conv is formed); an
+    Embedding is a lookup when S²(K·d + 1) ≤ K·V·d (the δ Gram and one index comparison per pair of sites), else
+    formed; a normalisation layer is always affine (both ways give the same K × channels columns of γ and β).
+    """
     model = adapter.module
     ids = {id(p): name for name, p in params.items()}
     count: dict[int, int] = {}

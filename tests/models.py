@@ -187,6 +187,22 @@ def positions(classes: int = 3) -> nn.Module:
     return Positions(classes).double().eval()
 
 
+def conv1d(classes: int = 3) -> nn.Module:
+    """Inputs (2, 5): Conv1d(2, 4, 3, padding=1) (5 sites: formed) → GroupNorm(2, 4) → tanh → Conv1d(4, 3, 5) (one
+    site: factorised) → flatten → Linear(3, classes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.Tanh(),
+        nn.Conv1d(4, 3, 5),
+        nn.Flatten(),
+        nn.Linear(3, classes),
+    ).double()
+    _randomise(model[1])
+    return model.eval()
+
+
 MODELS = {
     "mlp": (mlp, (6,), 0),
     "cnn": (cnn, (1, 4, 4), 0),
@@ -197,4 +213,5 @@ MODELS = {
     "normed": (normed, (3, 6), 0),
     "grouped": (grouped, (2, 4, 4), 0),
     "positions": (positions, (3, 4), 0),
+    "conv1d": (conv1d, (2, 5), 0),
 }

@@ -238,3 +238,12 @@ def test_every_path_gives_the_same_features_and_input_gradients(name):
         assert rel(kernel.detach(), exact) < TOL, path
         gradients.append(torch.autograd.grad(kernel.sum(), inputs)[0])
     assert rel(gradients[1], gradients[0]) < TOL and rel(gradients[2], gradients[0]) < TOL
+
+
+def test_conv1d_is_factorised_or_formed():
+    """A Conv1d is structured as a Conv2d of height 1: formed with many positions, factorised with one."""
+    factory, shape, _ = MODELS["conv1d"]
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plan = plan_tangents(factory(), x)
+    assert [layer.module for layer in plan.formed] == ["0"] and [layer.module for layer in plan.layers] == ["3", "5"]
+    assert plan.path == "batched" and plan.jacobian == ()

@@ -488,3 +488,13 @@ def test_conv_patches_are_unfold(kernel, stride, dilation, padding):
     x = torch.randn(5, 3, 9, 10, dtype=torch.float64)
     expected = torch.nn.functional.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)
     assert torch.equal(patches(conv, x), expected)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "dilation", "padding"), [(3, 1, 1, 1), (3, 2, 2, 0), (2, 2, 1, 0)])
+def test_conv1d_patches_are_those_of_a_conv2d_of_height_one(kernel, stride, dilation, padding):
+    from ntk_explain.modules import patches
+
+    conv = torch.nn.Conv1d(3, 4, kernel, stride=stride, dilation=dilation, padding=padding)
+    x = torch.randn(5, 3, 10, dtype=torch.float64)
+    unfolded = torch.nn.functional.unfold(x[:, :, None], (1, kernel), (1, dilation), (0, padding), (1, stride))
+    assert torch.equal(patches(conv, x), unfolded.transpose(1, 2))
