@@ -23,3 +23,9 @@ class OutOfMemoryError(NtkExplainError):
     """The work does not fit the memory budget; the message names the option to lower (exit 4)."""
 
     exit_code = 4
+
+
+def first_line(exc: BaseException | None) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -4,7 +4,7 @@ What is measured
 ----------------
 1. Exact trace kernel, train × train, of an MLP 784-512-512-10 (torch.manual_seed(0), float32,
    669,706 parameters, randn inputs) at N = 256:
-   - ours: `pipeline.compute_kernel` with KernelSpec("trace") into an HDF5 run file in a temporary
+   - ours: `stages.kernels.compute_kernel` with KernelSpec("trace") into an HDF5 run file in a temporary
      directory (the real end-to-end path, writes included), Budget(device, 2 GiB);
    - naive: the PyTorch NTK tutorial's pattern, `vmap(jacrev(f))` per-parameter Jacobians of all
      N samples, then Σ_params einsum('Naf,Maf->NM').
@@ -154,7 +154,7 @@ def make_model(name: str) -> nn.Module:
 
     if name == "mlp":
         return make_mlp()
-    from ntk_explain.zoo import make_cnn
+    from ntk_explain.loading.zoo import make_cnn
 
     torch.manual_seed(0)
     return make_cnn().eval()
@@ -174,7 +174,8 @@ def ours_trace(
     """The train × train kernel through `compute_kernel`, written to `path`: the exact trace kernel, or with a
     `projection` the projected pseudo kernel at d = PROJ_DIM."""
     from ntk_explain import store
-    from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel
+    from ntk_explain.options import Budget, KernelSpec
+    from ntk_explain.stages.kernels import compute_kernel
 
     spec = KernelSpec("trace") if projection == "none" else KernelSpec("pseudo", projection, PROJ_DIM)
     with store.create_run(path, overwrite=True, attrs={}) as run:
@@ -198,7 +199,8 @@ def naive_trace(model: nn.Module, x: Tensor) -> Tensor:
 def project_all(model: nn.Module, x: Tensor, kind: str, dim: int, tile: int) -> None:
     """Projected pseudo-kernel features of every tile of x (computed and dropped) by the library's featurizer (a
     sketch's layout from the first 64 rows), under a budget that gives dense projections blocks of 2²⁷ bytes."""
-    from ntk_explain.pipeline import SKETCH_PROBE, Budget, KernelSpec, featurizer
+    from ntk_explain.features.featurizer import SKETCH_PROBE, featurizer
+    from ntk_explain.options import Budget, KernelSpec
 
     features = featurizer(model, KernelSpec("pseudo", kind, dim), x[:SKETCH_PROBE], Budget(x.device, 8 * BLOCK_BYTES))
     for start in range(0, len(x), tile):
@@ -238,11 +240,12 @@ def quality_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
     import numpy as np
     import torch
 
-    from ntk_explain.gradients import tangent_factors
-    from ntk_explain.kernels import gram
-    from ntk_explain.pipeline import SKETCH_PROBE, Budget, KernelSpec, featurizer
-    from ntk_explain.planning import plan_tangents
-    from ntk_explain.store import cosine_normalize
+    from ntk_explain.features.featurizer import SKETCH_PROBE, featurizer
+    from ntk_explain.features.planning import plan_tangents
+    from ntk_explain.features.tangents import tangent_factors
+    from ntk_explain.kernel.grams import gram
+    from ntk_explain.kernel.normalize import cosine_normalize
+    from ntk_explain.options import Budget, KernelSpec
 
     model = make_model(args.model).to(device)
     x = inputs(args.model, args.n).to(device)
@@ -313,7 +316,8 @@ def generic_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
     a warm process (probe rows the warm-up did not use)."""
     from generic_models import generic_inputs, make_generic_model
 
-    from ntk_explain.pipeline import Budget, KernelSpec, featurizer
+    from ntk_explain.features.featurizer import featurizer
+    from ntk_explain.options import Budget, KernelSpec
 
     model = make_generic_model(args.model).to(device)
     x = generic_inputs(args.model, args.n + 2).to(device)
@@ -372,7 +376,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.worker == "weights":
         from safetensors.torch import save_file
 
-        from ntk_explain import zoo
+        from ntk_explain.loading import zoo
 
         x, y, _ = zoo.digits("train")
         torch.manual_seed(0)
@@ -475,7 +479,8 @@ def attribute_worker(args: argparse.Namespace, device: torch.device) -> dict[str
     if args.worker == "synthetic":
         synthetic_run(path, args.m, args.n, ATTRIBUTE_DIM, ATTRIBUTE_CLASSES)
     else:
-        from ntk_explain.pipeline import Budget, SurrogateSpec, attribute_run
+        from ntk_explain.options import Budget, SurrogateSpec
+        from ntk_explain.stages.attribute import attribute_run
 
         summary = attribute_run(str(path), None, SurrogateSpec(), Budget(device, args.budget))
         extra = {key: summary["faithfulness"][key] for key in ("agreement", "kendall_tau")}

@@ -11,9 +11,9 @@ from sklearn.linear_model import SGDClassifier
 from typer.testing import CliRunner
 
 from ntk_explain import store
-from ntk_explain.attribution import all_class_scores, attribution_scores, extremes
 from ntk_explain.cli import app
-from ntk_explain.surrogate import KernelGLM, KernelRidge, class_weights, glm_objective
+from ntk_explain.surrogate.attribution import all_class_scores, attribution_scores, extremes
+from ntk_explain.surrogate.estimators import FeatureKernel, KernelGLM, KernelRidge, class_weights, glm_objective
 
 
 def cosine_kernel(n: int, m: int, classes: int = 3, seed: int = 0):
@@ -194,7 +194,6 @@ def test_attribute_kernel_normalisations(tmp_path, normalize):
 
 def test_feature_kernel_fits_equal_dense_fits():
     """K = ΦΦᵀ as an operator gives the same kGLM and ridge as the formed kernel."""
-    from ntk_explain.surrogate import FeatureKernel
 
     g = torch.Generator().manual_seed(5)
     phi = torch.randn(50, 8, generator=g, dtype=torch.float64)

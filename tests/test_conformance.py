@@ -14,13 +14,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ntk_explain import modules
-from ntk_explain.adapter import Batch
 from ntk_explain.cli import app
-from ntk_explain.gradients import tangent_factors
-from ntk_explain.kernels import gram
-from ntk_explain.pipeline import Budget, KernelSpec, featurizer
-from ntk_explain.planning import plan_tangents
+from ntk_explain.features import modules
+from ntk_explain.features.featurizer import featurizer
+from ntk_explain.features.planning import plan_tangents
+from ntk_explain.features.tangents import tangent_factors
+from ntk_explain.kernel.grams import gram
+from ntk_explain.loading.adapter import Batch
+from ntk_explain.loading.models import load_model
+from ntk_explain.options import Budget, KernelSpec
 from tests import reference
 from tests.architectures import ARCHITECTURES, reference_jacobian, save_tiny_bert
 from tests.models import MODELS
@@ -193,7 +195,6 @@ def test_broadcast_positions_are_lookups(output):
 def test_hugging_face_bert_runs_batched(hf_directory):
     """A Hugging Face BERT (2-D attention mask, whose masking code cannot run under vmap) has no Jacobian parameter:
     its position embeddings (batch axis 1) and small tables are formed lookups, so it runs on the batched path."""
-    from ntk_explain.loading import load_model
 
     loaded = load_model(f"hf:{hf_directory}")
     plan = plan_tangents(loaded.module.double(), Batch.of(ARCHITECTURES["hf_bert"].inputs(2, 0)))

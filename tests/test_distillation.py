@@ -10,22 +10,18 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ntk_explain.cli import app
-from ntk_explain.distillation import (
-    KIP,
-    SELECTIONS,
-    allocate,
+from ntk_explain.distill.kip import KIP, kip_loss
+from ntk_explain.distill.spectra import (
     centred,
-    centred_one_hot,
     class_ranks,
     effective_rank,
-    gradient_support,
     kernel_alignment,
-    kip_loss,
     predictor_kernel,
     rank_at,
-    select,
 )
-from ntk_explain.pipeline import Budget, KernelSpec, featurizer
+from ntk_explain.distill.support import allocate, centred_one_hot, gradient_support, select
+from ntk_explain.features.featurizer import featurizer
+from ntk_explain.options import SELECTIONS, Budget, KernelSpec
 from tests.models import mlp
 
 

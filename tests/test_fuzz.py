@@ -31,10 +31,9 @@ from typer.testing import CliRunner
 
 from ntk_explain.cli import app
 from ntk_explain.errors import BadInputError, UsageError
-from ntk_explain.kernels import KERNELS
-from ntk_explain.loading import DATA_FORMATS, load_dataset, load_model
-from ntk_explain.pipeline import FEATURE_DTYPES
-from ntk_explain.projections import PROJECTIONS
+from ntk_explain.loading.data import DATA_FORMATS, load_dataset
+from ntk_explain.loading.models import load_model
+from ntk_explain.options import FEATURE_DTYPES, KERNELS, PROJECTIONS
 from tests.models import mlp
 from tests.test_cli import CLASSES, _data, _trained_mlp
 from tests.test_loading import write

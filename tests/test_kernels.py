@@ -5,12 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from ntk_explain import pipeline, store
-from ntk_explain.gradients import penultimate, tangent_factors
-from ntk_explain.kernels import project, sketch, sketch_layout, symmetric_gram
-from ntk_explain.pipeline import Budget, KernelSpec, compute_kernel
-from ntk_explain.planning import plan_tangents
-from ntk_explain.projections import Projection, fft_dims, generator, hashes, sketch_shares, split_dims
+from ntk_explain import store
+from ntk_explain.features import featurizer as featurizer_module
+from ntk_explain.features.modules import patches
+from ntk_explain.features.planning import plan_tangents
+from ntk_explain.features.projected import project
+from ntk_explain.features.projections import Projection, fft_dims, generator, hashes, sketch_shares, split_dims
+from ntk_explain.features.sketches import sketch, sketch_layout
+from ntk_explain.features.tangents import penultimate, tangent_factors
+from ntk_explain.kernel.grams import symmetric_gram
+from ntk_explain.kernel.normalize import cosine_normalize
+from ntk_explain.loading.models import load_model
+from ntk_explain.options import Budget, KernelSpec
+from ntk_explain.stages.kernels import compute_kernel
 from tests import reference
 from tests.models import MODELS
 
@@ -218,12 +225,12 @@ def test_projected_cnn_cosine_trace_kernel_is_accurate(tmp_path):
     train, test = data("cnn", 12, 0), data("cnn", 6, 1)
     got, attrs = computed(tmp_path, model, KernelSpec("trace", "gaussian", 4096), train, test)
     j_train, j_test = reference.jacobian(model, train), reference.jacobian(model, test)
-    exact = store.cosine_normalize(
+    exact = cosine_normalize(
         reference.kernel(j_test, j_train, "trace").numpy(),
         reference.self_kernel(j_test, "trace").numpy(),
         reference.self_kernel(j_train, "trace").numpy(),
     )
-    approx = store.cosine_normalize(got["test_train"], got["diag_test"], got["diag_train"])
+    approx = cosine_normalize(got["test_train"], got["diag_test"], got["diag_train"])
     assert attrs["proj_dim"] == 4096 and attrs["projection"] == "gaussian"
     assert rel(approx, exact) < 0.1
 
@@ -252,7 +259,6 @@ def test_projected_features_do_not_depend_on_tiles_or_budget(tmp_path):
 
 def test_exported_program_kernel(tmp_path):
     """A torch.export archive has no nn.Linear modules left: every parameter takes the Jacobian path."""
-    from ntk_explain.loading import load_model
 
     model = MODELS["cnn"][0]()
     train, test = data("cnn", 5, 0), data("cnn", 3, 1)
@@ -411,14 +417,14 @@ def test_sketch_dimensions_follow_layer_sizes():
 
 def _oom_above(limit: int, monkeypatch) -> None:
     """Featurising more than `limit` rows at once raises torch.OutOfMemoryError."""
-    real = pipeline.tangent_factors
+    real = featurizer_module.tangent_factors
 
     def limited(model, plan, x):
         if len(x) > limit:
             raise torch.OutOfMemoryError(f"{len(x)} rows")
         return real(model, plan, x)
 
-    monkeypatch.setattr(pipeline, "tangent_factors", limited)
+    monkeypatch.setattr(featurizer_module, "tangent_factors", limited)
 
 
 def test_auto_batch_size_halves_the_tile_on_out_of_memory(tmp_path, monkeypatch):
@@ -482,7 +488,6 @@ def test_half_precision_features(tmp_path, dtype, stored, tolerance):
 )
 def test_conv_patches_are_unfold(kernel, stride, dilation, padding):
     """A factorised conv's site inputs a_s: the strided slices give `F.unfold`'s patches, in its order."""
-    from ntk_explain.modules import patches
 
     conv = torch.nn.Conv2d(3, 4, kernel, stride=stride, dilation=dilation, padding=padding)
     x = torch.randn(5, 3, 9, 10, dtype=torch.float64)
@@ -492,7 +497,6 @@ def test_conv_patches_are_unfold(kernel, stride, dilation, padding):
 
 @pytest.mark.parametrize(("kernel", "stride", "dilation", "padding"), [(3, 1, 1, 1), (3, 2, 2, 0), (2, 2, 1, 0)])
 def test_conv1d_patches_are_those_of_a_conv2d_of_height_one(kernel, stride, dilation, padding):
-    from ntk_explain.modules import patches
 
     conv = torch.nn.Conv1d(3, 4, kernel, stride=stride, dilation=dilation, padding=padding)
     x = torch.randn(5, 3, 10, dtype=torch.float64)

@@ -16,9 +16,11 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from ntk_explain import zoo
 from ntk_explain.errors import BadInputError, UsageError
-from ntk_explain.loading import check_model_on_data, load_dataset, load_model, sha256_file
+from ntk_explain.loading import zoo
+from ntk_explain.loading.data import load_dataset
+from ntk_explain.loading.files import sha256_file
+from ntk_explain.loading.models import check_model_on_data, load_model
 
 FACTORIES = """
 import torch

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ntk_explain.metrics import (
+from ntk_explain.surrogate.metrics import (
     METRIC_NAMES,
     binomial_tail,
     faithfulness,

@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 
 from ntk_explain import __version__, store
+from ntk_explain.cli.render import info_table
 from ntk_explain.errors import BadInputError
 
 ROOT_KEYS = {
@@ -349,7 +350,7 @@ def test_open_rejects_non_runs(tmp_path):
         (plain, "not an ntk-explain run file"),
         (tmp_path / "missing.h5", "no such file"),
     ):
-        for fn in (store.open_run, store.summarize, store.root_attrs, store.info_table):
+        for fn in (store.open_run, store.summarize, store.root_attrs, info_table):
             with pytest.raises(BadInputError, match=pattern) as info:
                 fn(bad)
             assert "\n" not in str(info.value)
@@ -393,7 +394,7 @@ def test_summarize_and_info_table(tmp_path):
     json.dumps(list(items.values()))  # JSON-friendly for `info --json`
 
     console = Console(record=True, width=120)
-    console.print(store.info_table(path))
+    console.print(info_table(path))
     text = console.export_text()
     assert "/kernel/trace/train_train" in text
     assert "/data/train/labels" in text

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-PROJECTIONS = ("none", "gaussian", "rademacher", "sparse", "tensorsketch", "kronecker")
-SKETCHES = ("tensorsketch", "kronecker")  # per-layer sketches of Σ_s δ_s ã_sᵀ that never form it
+from ntk_explain.options import PROJECTIONS
+
 _CHUNK_ELEMENTS = 1 << 20
 
 

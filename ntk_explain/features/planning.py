@@ -30,21 +30,12 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ntk_explain import modules as structure
-from ntk_explain.adapter import Batch, ModelAdapter
-from ntk_explain.errors import BadInputError
-from ntk_explain.gradients import (
-    OUTPUTS,
-    Affine,
-    Layer,
-    Lookup,
-    TangentPlan,
-    as_adapter,
-    instrumented,
-    select_parameters,
-    tangent_factors,
-)
-from ntk_explain.selfcheck import gradient_errors, in_dtype, output_weights
+from ntk_explain.errors import BadInputError, first_line
+from ntk_explain.features import modules as structure
+from ntk_explain.features.plan import OUTPUTS, Affine, Layer, Lookup, TangentPlan, select_parameters
+from ntk_explain.features.selfcheck import gradient_errors, in_dtype, output_weights
+from ntk_explain.features.tangents import instrumented, tangent_factors
+from ntk_explain.loading.adapter import Batch, ModelAdapter, as_adapter
 
 CHECK_ROWS = 2
 TOLERANCE = {torch.float64: 1e-6}  # relative error of a parameter's gradient; 1e-3 in lower precision
@@ -346,13 +337,8 @@ def _verified(
                 continue
             weights = output_weights(len(batch), plan.outputs, factors.dense)
             return replace(plan, path=path), gradient_errors(adapter, candidate, batch, factors, weights), dtype
-    raise _Unrunnable(_first_line(failure)) from failure
+    raise _Unrunnable(first_line(failure)) from failure
 
 
 class _Unrunnable(Exception):
     """The plan's tangent features could not be computed on any path (the first failure's line)."""
-
-
-def _first_line(exc: BaseException | None) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

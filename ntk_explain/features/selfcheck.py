@@ -13,8 +13,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ntk_explain.adapter import Batch, ModelAdapter
-from ntk_explain.gradients import Factors, TangentPlan, output_map
+from ntk_explain.features.plan import TangentPlan, output_map
+from ntk_explain.kernel.factors import Factors
+from ntk_explain.loading.adapter import Batch, ModelAdapter
 
 
 def in_dtype(plan: TangentPlan, rows: Batch, dtype: torch.dtype) -> tuple[TangentPlan, Batch]:

@@ -153,3 +153,8 @@ class ModelAdapter:
         if not isinstance(found, Tensor):
             raise BadInputError(f"model output {name!r} is {type(found).__name__}, not a tensor of logits")
         return found
+
+
+def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
+    """The model as its adapter (a module is called with its own output, the tensor or `logits`)."""
+    return model if isinstance(model, ModelAdapter) else ModelAdapter(model)

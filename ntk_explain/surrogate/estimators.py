@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SURROGATES = ("kglm", "ridge")
-
 
 @dataclass(frozen=True)
 class FeatureKernel:

@@ -1,8 +1,8 @@
-"""Loading and validating data sets and models (SPEC §7). Every bad input raises `BadInputError`."""
+"""Models and weights: the built-in zoo, `pkg.module:factory`, Hugging Face directories and `torch.export` archives;
+weights from safetensors or weights-only torch files (never unpickled otherwise); the model checked on the data."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import itertools
@@ -10,60 +10,28 @@ import json
 import logging
 import os
 import pickle
-import re
 import sys
 import types
 import warnings
-import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
-import h5py
-import numpy as np
 import safetensors.torch
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from ntk_explain import zoo
-from ntk_explain.adapter import Batch, ModelAdapter
-from ntk_explain.errors import BadInputError, NtkExplainError, UsageError
+from ntk_explain.errors import BadInputError, UsageError, first_line
+from ntk_explain.loading import zoo
+from ntk_explain.loading.adapter import ModelAdapter
+from ntk_explain.loading.data import Dataset
+from ntk_explain.loading.files import Invalid, existing_file, listed, one_line, sha256_file, sha256_files
 
-DATA_FORMATS = (".npz", ".safetensors", ".h5", ".hdf5")
 WEIGHT_FORMATS = (".safetensors", ".pt", ".pth")
-_MAX_NAMES = 5
-_MAX_LABEL = 2**31 - 1
+
+
 _FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # what breaks a line or a terminal
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-
-class _Invalid(Exception):
-    """A problem with an input, reported by the caller prefixed with what the input is."""
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A validated data set: inputs (one array, or several named ones), integer labels and the source row of each
-    point."""
-
-    inputs: Batch
-    y: torch.Tensor
-    index: np.ndarray
-    source: str
-    sha256: str
-    split: str = "train"
-
-    @property
-    def x(self) -> torch.Tensor:
-        """The one input array of a data set that has one."""
-        if self.inputs.keyword:
-            raise ValueError(f"{self.source} has several input arrays: {', '.join(self.inputs.names)}")
-        return next(iter(self.inputs.arrays.values()))
 
 
 @dataclass(frozen=True)
@@ -75,222 +43,6 @@ class LoadedModel:
     kwargs: dict
     model_sha256: str
     weights_sha256: str | None
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sha256_files(paths: list[Path]) -> str | None:
-    """The SHA-256 of one file, of several files' digests in order, or None for none."""
-    if len(paths) < 2:
-        return sha256_file(paths[0]) if paths else None
-    return hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def _one_line(function: Callable[_P, _T]) -> Callable[_P, _T]:
-    """Keep an expected failure's message on one line whatever the names in it (a path with a newline, ...): control
-    and line-separator characters are shown escaped."""
-
-    @functools.wraps(function)
-    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        try:
-            return function(*args, **kwargs)
-        except NtkExplainError as exc:
-            exc.args = (_CONTROL.sub(lambda m: repr(m.group())[1:-1], str(exc)),)
-            raise
-
-    return checked
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:_MAX_NAMES])
-    return shown + (f", … ({len(names) - _MAX_NAMES} more)" if len(names) > _MAX_NAMES else "")
-
-
-def _existing_file(path: str, formats: tuple[str, ...]) -> Path:
-    p = Path(path)
-    try:
-        if not p.exists():
-            raise _Invalid("file not found")
-        if not p.is_file():
-            raise _Invalid("not a file")
-    except (OSError, ValueError) as exc:  # a name too long, with a NUL byte, in an unreadable directory
-        raise _Invalid(f"cannot access file ({_first_line(exc)})") from exc
-    if p.suffix.lower() not in formats:
-        raise _Invalid(f"unknown format {p.suffix!r} (expected one of {', '.join(formats)})")
-    return p
-
-
-# --- data ---------------------------------------------------------------------------------------------
-
-
-def _require_keys(present: list[str], keys: tuple[str, ...]) -> None:
-    missing = [k for k in keys if k not in present]
-    if missing:
-        raise _Invalid(f"no array named {_names(missing)} (arrays present: {_names(sorted(present)) or 'none'})")
-
-
-def _read_npz(path: Path, keys: tuple[str, ...]) -> list[np.ndarray]:
-    if not zipfile.is_zipfile(path):
-        raise _Invalid("cannot read file (not a .npz zip archive)")
-    with np.load(path, allow_pickle=False) as f:
-        _require_keys(f.files, keys)
-        return [f[k] for k in keys]
-
-
-def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
-    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
-        t = t.float()  # bfloat16 and float8 have no numpy dtype
-    return t.numpy()
-
-
-def _read_safetensors(path: Path, keys: tuple[str, ...]) -> list[np.ndarray]:
-    with safe_open(path, framework="pt") as f:
-        _require_keys(list(f.keys()), keys)
-        return [_tensor_to_numpy(f.get_tensor(k)) for k in keys]
-
-
-def _read_h5(path: Path, keys: tuple[str, ...]) -> list[np.ndarray]:
-    with h5py.File(path, "r") as f:
-        present: list[str] = []
-        f.visititems(lambda name, obj: present.append(name) if isinstance(obj, h5py.Dataset) else None)
-        _require_keys(present, keys)
-        return [np.asarray(f[k][()]) for k in keys]
-
-
-_READERS: dict[str, Callable[[Path, tuple[str, ...]], list[np.ndarray]]] = {
-    ".npz": _read_npz,
-    ".safetensors": _read_safetensors,
-    ".h5": _read_h5,
-    ".hdf5": _read_h5,
-}
-
-
-def _file_arrays(
-    spec: str, x_keys: tuple[str, ...], y_key: str
-) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, str]:
-    path = _existing_file(spec, DATA_FORMATS)
-    try:
-        *xs, y = _READERS[path.suffix.lower()](path, (*x_keys, y_key))
-    except _Invalid:
-        raise
-    except Exception as exc:  # any parser failure on a user file is a corrupt input
-        raise _Invalid(f"cannot read file ({_first_line(exc)})") from exc
-    for x, x_key in zip(xs, x_keys, strict=True):
-        _check_shapes(x, y, x_key, y_key)
-    return xs, y, np.arange(len(y), dtype=np.int64), sha256_file(path)
-
-
-def _zoo_arrays(spec: str, split: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, str]:
-    name, _, forced = spec.removeprefix("zoo:").partition(":")
-    if name != "digits":
-        raise _Invalid(f"unknown zoo data set {name!r} (available: digits)")
-    split = forced or split
-    if split not in zoo.SPLITS:
-        raise _Invalid(f"unknown split {split!r} (available: {', '.join(zoo.SPLITS)})")
-    x, y, index = zoo.digits(split)
-    digest = hashlib.sha256()
-    for array in (x, y, index):
-        digest.update(array.tobytes())
-    return [x], y, index, digest.hexdigest()
-
-
-def _check_shapes(x: np.ndarray, y: np.ndarray, x_key: str, y_key: str) -> None:
-    if x.ndim == 0:
-        raise _Invalid(f"array {x_key!r} is a scalar, expected one row per point")
-    if y.ndim != 1:
-        raise _Invalid(f"labels {y_key!r} must be 1-D, got shape {y.shape}")
-    if len(x) != len(y):
-        raise _Invalid(f"array {x_key!r} has {len(x)} rows but labels {y_key!r} have {len(y)}")
-    if len(y) == 0:
-        raise _Invalid("the data set is empty")
-    if x.dtype.kind not in "biuf":
-        raise _Invalid(f"array {x_key!r} must be numeric, got dtype {x.dtype}")
-
-
-def _labels(y: np.ndarray, y_key: str) -> torch.Tensor:
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or not np.array_equal(y, np.round(y)):
-            raise _Invalid(f"labels {y_key!r} must be integer class indices, got non-integer values")
-    elif y.dtype.kind not in "biu":
-        raise _Invalid(f"labels {y_key!r} must be integer class indices, got dtype {y.dtype}")
-    exact = y.astype(np.float64) if y.dtype.kind == "f" else y  # float16 cannot hold _MAX_LABEL
-    negative, huge = np.flatnonzero(exact < 0), np.flatnonzero(exact > _MAX_LABEL)  # before a cast could wrap them
-    if negative.size:
-        raise _Invalid(f"labels {y_key!r} must be ≥ 0, found {y[negative[0]]} at row {negative[0]}")
-    if huge.size:
-        raise _Invalid(f"labels {y_key!r} must be class indices ≤ {_MAX_LABEL}, found {y[huge[0]]} at row {huge[0]}")
-    return torch.from_numpy(y.astype(np.int64))
-
-
-def _input_array(x: np.ndarray, x_key: str, dtype: torch.dtype) -> torch.Tensor:
-    """A floating array in the compute dtype, checked finite; an integer array (token ids, a mask) as int64 and a
-    boolean one as it is: gradients never reach them."""
-    if x.dtype.kind in "iu":
-        if x.dtype.kind == "u" and x.size and x.max() > np.iinfo(np.int64).max:
-            raise _Invalid(f"array {x_key!r} has values beyond int64")
-        return torch.from_numpy(np.ascontiguousarray(x).astype(np.int64))
-    if x.dtype.kind == "b":
-        return torch.from_numpy(np.ascontiguousarray(x))
-    features = torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
-    rows = (~torch.isfinite(features).reshape(len(features), -1).all(1)).nonzero()
-    if len(rows):
-        raise _Invalid(f"array {x_key!r} has NaN or infinite values in {len(rows)} rows (first: row {rows[0, 0]})")
-    return features
-
-
-def input_keys(x_key: str | Sequence[str]) -> tuple[str, ...]:
-    """The input array names: one name, a comma-separated list of names, or a sequence of them (once each)."""
-    names = x_key.split(",") if isinstance(x_key, str) else list(x_key)
-    keys = tuple(dict.fromkeys(name.strip() for name in names))
-    if not keys or not all(keys):
-        raise UsageError(f"--x-key {x_key!r}: expected an array name or a comma-separated list of names")
-    return keys
-
-
-@_one_line
-def load_dataset(
-    spec: str,
-    split: str,
-    *,
-    x_key: str | Sequence[str] = "x",
-    y_key: str = "y",
-    dtype: torch.dtype = torch.float32,
-    limit: int | None = None,
-) -> Dataset:
-    """Load and validate `spec` (.npz, .safetensors, .h5 file or `zoo:digits[:split]`), first `limit` rows. Several
-    input arrays (`x_key="input_ids,attention_mask"`) are passed to the model as keyword arguments, one positionally;
-    floating arrays are cast to `dtype`, integer ones stay integers."""
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be floating, got {dtype}")
-    if limit is not None and limit < 1:
-        raise UsageError(f"the row limit must be ≥ 1, got {limit}")
-    keys = input_keys(x_key)
-    try:
-        if spec.startswith("zoo:"):
-            keys = ("x",)
-            xs, y, index, digest = _zoo_arrays(spec, split)
-        else:
-            xs, y, index, digest = _file_arrays(spec, keys, y_key)
-        arrays = {key: _input_array(x[:limit], key, dtype) for key, x in zip(keys, xs, strict=True)}
-        inputs = Batch(arrays, keyword=len(arrays) > 1)
-        return Dataset(inputs, _labels(y[:limit], y_key), index[:limit], spec, digest, split)
-    except _Invalid as exc:
-        raise BadInputError(f"{split} data {spec}: {exc}") from exc.__cause__
-
-
-# --- models -------------------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -314,7 +66,7 @@ def _build(spec: str, factory: Callable[..., object], kwargs: dict) -> nn.Module
             module = factory(**kwargs)
     except Exception as exc:  # the factory is user code: its failure is a bad model input
         raise BadInputError(
-            f"model {spec}: building with kwargs {json.dumps(kwargs)} failed: {_first_line(exc)}"
+            f"model {spec}: building with kwargs {json.dumps(kwargs)} failed: {first_line(exc)}"
         ) from exc
     if not isinstance(module, nn.Module):
         raise BadInputError(f"model {spec}: the factory returned {type(module).__name__}, not a torch.nn.Module")
@@ -349,7 +101,7 @@ def _hf_model(spec: str, kwargs: dict) -> tuple[nn.Module, Path, list[Path]]:
                 directory, local_files_only=True, use_safetensors=True, trust_remote_code=False
             )
     except Exception as exc:  # a corrupt config or weights file, an unknown architecture
-        raise BadInputError(f"model {spec}: cannot load the Hugging Face model: {_first_line(exc)}") from exc
+        raise BadInputError(f"model {spec}: cannot load the Hugging Face model: {first_line(exc)}") from exc
     finally:
         transformers.logging.set_verbosity(verbosity)
     return module, config, weights
@@ -368,7 +120,7 @@ def _factory_model(spec: str, kwargs: dict) -> nn.Module:
         try:
             source = importlib.import_module(module_name)
         except Exception as exc:  # importing runs user code; any failure is a bad model input
-            raise BadInputError(f"model {spec}: cannot import {module_name}: {_first_line(exc)}") from exc
+            raise BadInputError(f"model {spec}: cannot import {module_name}: {first_line(exc)}") from exc
         factory = getattr(source, attr, None)
         if not callable(factory):
             raise BadInputError(f"model {spec}: module {module_name} has no callable {attr!r}")
@@ -378,7 +130,7 @@ def _factory_model(spec: str, kwargs: dict) -> nn.Module:
 @contextmanager
 def _safe_torch_load() -> Iterator[None]:
     """Force every torch.load inside to be weights-only (torch.export.load falls back to full unpickling),
-    silence torch's warnings and log lines about the file, and turn a refused pickle into `_Invalid`."""
+    silence torch's warnings and log lines about the file, and turn a refused pickle into `Invalid`."""
     logger = logging.getLogger("torch.export")
     previous_env, previous_disabled = os.environ.get(_FORCE_WEIGHTS_ONLY), logger.disabled
     os.environ[_FORCE_WEIGHTS_ONLY] = "1"
@@ -388,8 +140,8 @@ def _safe_torch_load() -> Iterator[None]:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             yield
     except pickle.UnpicklingError as exc:
-        reason = _first_line(exc.__context__ or exc).split(". ")[0]
-        raise _Invalid(f"refused: not loadable as plain tensors ({reason}); unpickling it could run code") from exc
+        reason = first_line(exc.__context__ or exc).split(". ")[0]
+        raise Invalid(f"refused: not loadable as plain tensors ({reason}); unpickling it could run code") from exc
     finally:
         logger.disabled = previous_disabled
         if previous_env is None:
@@ -419,13 +171,13 @@ def _exported_model(spec: str, kwargs: dict) -> nn.Module:
     if kwargs:
         raise UsageError(f"model {spec}: model kwargs do not apply to an exported .pt2 model")
     try:
-        path = _existing_file(spec, (".pt2",))
+        path = existing_file(spec, (".pt2",))
         with _safe_torch_load():
             module = torch.export.load(path).module()
-    except _Invalid as exc:
+    except Invalid as exc:
         raise BadInputError(f"model {spec}: {exc}") from exc.__cause__
     except Exception as exc:  # any deserialisation failure means a corrupt or unsafe archive
-        raise BadInputError(f"model {spec}: cannot load the exported program: {_first_line(exc)}") from exc
+        raise BadInputError(f"model {spec}: cannot load the exported program: {first_line(exc)}") from exc
     if _exported_in_train_mode(module):
         raise BadInputError(f"model {spec}: exported in train() mode; export the model after calling .eval()")
     # An exported graph's eval/train behaviour is fixed at export; its .eval() raises, so set the flags only.
@@ -436,23 +188,23 @@ def _exported_model(spec: str, kwargs: dict) -> nn.Module:
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    p = _existing_file(path, WEIGHT_FORMATS)
+    p = existing_file(path, WEIGHT_FORMATS)
     try:
         if p.suffix.lower() == ".safetensors":
             state = safetensors.torch.load_file(p)
         else:
             with _safe_torch_load():
                 state = torch.load(p, weights_only=True, map_location="cpu")
-    except _Invalid:
+    except Invalid:
         raise
     except Exception as exc:  # any parser failure on a user file is a corrupt input
-        raise _Invalid(f"cannot read file ({_first_line(exc)})") from exc
+        raise Invalid(f"cannot read file ({first_line(exc)})") from exc
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
-        raise _Invalid("not a state dict (a mapping of parameter names to tensors)")
+        raise Invalid("not a state dict (a mapping of parameter names to tensors)")
     return dict(state)
 
 
@@ -481,7 +233,7 @@ def _dtype_kind(t: torch.Tensor) -> str:
 def _load_weights(module: nn.Module, path: str) -> None:
     try:
         state = _read_state_dict(path)
-    except _Invalid as exc:
+    except Invalid as exc:
         raise BadInputError(f"weights {path}: {exc}") from exc.__cause__
     expected = module.state_dict()
     _fill_tied(state, expected)
@@ -500,12 +252,12 @@ def _load_weights(module: nn.Module, path: str) -> None:
         ],
     }
     if any(problems.values()):
-        text = "; ".join(f"{kind}: {_names(names)}" for kind, names in problems.items() if names)
+        text = "; ".join(f"{kind}: {listed(names)}" for kind, names in problems.items() if names)
         raise BadInputError(f"weights {path}: {text}")
     module.load_state_dict(state, strict=True)
 
 
-@_one_line
+@one_line
 def load_model(spec: str, kwargs: dict | None = None, weights: str | None = None) -> LoadedModel:
     """Build `zoo:NAME`, `pkg.module:factory(**kwargs)`, load a Hugging Face directory `hf:DIR` or a `.pt2` export;
     load weights; eval() mode."""
@@ -528,7 +280,7 @@ def load_model(spec: str, kwargs: dict | None = None, weights: str | None = None
     nonfinite = _nonfinite(module)
     if nonfinite:
         source = f"weights {weights}" if weights is not None else f"model {spec}"
-        raise BadInputError(f"{source}: NaN or infinite values in {_names(nonfinite)}")
+        raise BadInputError(f"{source}: NaN or infinite values in {listed(nonfinite)}")
     if source is not None:
         model_sha256 = sha256_file(source)
     else:
@@ -538,7 +290,7 @@ def load_model(spec: str, kwargs: dict | None = None, weights: str | None = None
         spec=spec,
         kwargs=kwargs,
         model_sha256=model_sha256,
-        weights_sha256=sha256_file(weights) if weights is not None else _sha256_files(bundled),
+        weights_sha256=sha256_file(weights) if weights is not None else sha256_files(bundled),
     )
 
 
@@ -547,7 +299,7 @@ def _nonfinite(module: nn.Module) -> list[str]:
     return [k for k, t in module.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
-@_one_line
+@one_line
 def check_model_on_data(model: nn.Module | ModelAdapter, data: Dataset) -> int:
     """Check the model's values are finite in the compute dtype (too large ones overflow it) and dry-run it in eval()
     mode on one point; return its number of classes C."""
@@ -556,7 +308,7 @@ def check_model_on_data(model: nn.Module | ModelAdapter, data: Dataset) -> int:
     nonfinite = _nonfinite(module)
     if nonfinite:
         dtype = next((a.dtype for a in data.inputs.arrays.values() if a.is_floating_point()), torch.float32)
-        raise BadInputError(f"model values {_names(nonfinite)} are NaN or infinite in {dtype}")
+        raise BadInputError(f"model values {listed(nonfinite)} are NaN or infinite in {dtype}")
     state = next(itertools.chain(module.parameters(), module.buffers()), None)
     x = data.inputs[:1] if state is None else data.inputs[:1].to(state.device)
     module.eval()
@@ -568,7 +320,7 @@ def check_model_on_data(model: nn.Module | ModelAdapter, data: Dataset) -> int:
     except Exception as exc:  # the forward is user code: any failure means the model and data do not fit
         shapes = {name: tuple(a.shape) for name, a in x.arrays.items()}
         what = ", ".join(f"{k} {v}" for k, v in shapes.items()) if x.keyword else f"of shape {shapes.popitem()[1]}"
-        raise BadInputError(f"model cannot take inputs {what}: {_first_line(exc)}") from exc
+        raise BadInputError(f"model cannot take inputs {what}: {first_line(exc)}") from exc
     if out.ndim != 2 or len(out) != 1 or not out.is_floating_point():
         got = f"{tuple(out.shape)} {out.dtype}"
         raise BadInputError(f"model output for one input must be floating logits of shape (1, C), got {got}")

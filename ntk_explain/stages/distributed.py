@@ -9,26 +9,12 @@ collectives at all.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's rank among `world` processes."""
-
-    rank: int = 0
-    world: int = 1
-
-    def owns(self, index: int) -> bool:
-        """Whether this rank computes the row tile `index`."""
-        return index % self.world == self.rank
-
-    def owner(self, index: int) -> int:
-        return index % self.world
+from ntk_explain.options import Shard
 
 
 def from_environment() -> Shard:

@@ -1,0 +1,107 @@
+"""The `ntk-explain` Typer application: expected failures as one line and an exit code, progress bars on stderr."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ntk_explain.errors import NtkExplainError, OutOfMemoryError
+from ntk_explain.resources import retain_freed_memory
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Explain trained PyTorch networks through their empirical neural tangent kernel.",
+)
+
+
+stderr = Console(stderr=True)
+
+
+stdout = Console(width=None if sys.stdout.isatty() else 160)  # piped tables keep whole lines
+
+
+def reported(command: Callable) -> Callable:
+    """Turn expected failures into one stderr line and the exit codes of SPEC §7; --quiet silences warnings."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            with warnings.catch_warnings():
+                if kwargs.get("quiet"):  # torch's warnings that our calls trigger, too
+                    warnings.simplefilter("ignore")
+                return command(*args, **kwargs)
+        except Exception as error:
+            if kwargs.get("debug"):
+                raise
+            raise typer.Exit(_exit_code(error)) from None
+        except KeyboardInterrupt as interrupt:
+            stderr.print(f"interrupted{f': {interrupt}' if str(interrupt) else ''}", style="red", highlight=False)
+            raise typer.Exit(130) from None
+
+    return run
+
+
+def _exit_code(error: Exception) -> int:
+    if isinstance(error, NtkExplainError):
+        message, code = str(error), error.exit_code
+    elif isinstance(error, torch.OutOfMemoryError | MemoryError):
+        message, code = "out of memory: lower --max-memory or --batch-size", OutOfMemoryError.exit_code
+    else:
+        message, code = f"unexpected failure: {type(error).__name__}: {error} (rerun with --debug)", 1
+    first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    stderr.print(f"error: {first_line}", style="red", highlight=False, markup=False, soft_wrap=True)
+    return code
+
+
+class RichProgress:
+    """The library's Progress as a rich bar on stderr."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar, self.task = bar, None
+
+    def start(self, description: str, total: int) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=self.bar.tasks[self.task].total)
+        self.task = self.bar.add_task(description, total=total)
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.advance(self.task, steps)
+
+
+@contextmanager
+def progress_bar(quiet: bool) -> Iterator[RichProgress]:
+    """A stage's progress as a rich bar on stderr while inside; none when quiet or stderr is not a terminal."""
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        disable=quiet or not sys.stderr.isatty(),
+        transient=False,
+    )
+    with bar:
+        yield RichProgress(bar)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Entry point: SIGTERM stops like Ctrl-C (exit 130, nothing half-written); freed memory is kept for reuse."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    retain_freed_memory()
+    app()

@@ -1,0 +1,84 @@
+"""`ntk-explain attribute`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ntk_explain.cli.app import app, progress_bar, reported, stdout
+from ntk_explain.cli.options import (
+    ClassWeight,
+    Debug,
+    Device,
+    FitOn,
+    Json,
+    MaxMemory,
+    Normalize,
+    Quiet,
+    Surrogate,
+    Target,
+)
+from ntk_explain.cli.render import metrics_table
+from ntk_explain.stages import distributed
+from ntk_explain.stages.attribute import run_attribute
+
+
+@app.command()
+@reported
+def attribute(
+    run: Annotated[Path, typer.Argument(help="A run file written by compute.")],
+    kernel: Annotated[str | None, typer.Option(help="Kernel group (default: trace, or the only one).")] = None,
+    surrogate: Annotated[
+        Surrogate, typer.Option(help="kglm: kernel logistic regression; ridge: of the logits.")
+    ] = Surrogate.kglm,
+    target: Annotated[
+        Target, typer.Option(help="kGLM targets: the network's predictions or the labels.")
+    ] = Target.model,
+    alpha: Annotated[float, typer.Option(help="L2 penalty α of mean loss + α‖W‖² (ridge: λ = αN).")] = 1e-4,
+    normalize: Annotated[
+        Normalize, typer.Option(help="cosine; scale: by the mean training self-kernel; none: raw.")
+    ] = "cosine",
+    class_weight: Annotated[ClassWeight, typer.Option(help="Weigh classes by inverse frequency.")] = ClassWeight.none,
+    fit_on: Annotated[
+        FitOn, typer.Option(help="--kernel distilled: fit on the support's labels, or on the N training points.")
+    ] = FitOn.support,
+    top_k: Annotated[int, typer.Option(help="Proponents and opponents kept per point.", min=1)] = 10,
+    all_classes: Annotated[bool, typer.Option(help="Also store (M, N, C) scores for every class.")] = False,
+    device: Device = "auto",
+    max_memory: MaxMemory = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing surrogate and attribution groups.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the partial run that an interrupted or killed attribute of RUN left.")
+    ] = False,
+    quiet: Quiet = False,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Fit a kernel surrogate, write data-attribution scores and faithfulness metrics into the run file."""
+    if distributed.from_environment().rank > 0:
+        return  # under torchrun, rank 0 fits and writes; the fit is not sharded
+    with progress_bar(quiet) as progress:
+        summary = run_attribute(
+            run,
+            kernel=kernel,
+            surrogate=Surrogate(surrogate).value,
+            target=Target(target).value,
+            alpha=alpha,
+            normalize=Normalize(normalize).value,
+            class_weight=ClassWeight(class_weight).value,
+            fit_on=FitOn(fit_on).value,
+            top_k=top_k,
+            all_classes=all_classes,
+            device=device,
+            max_memory=max_memory,
+            overwrite=overwrite,
+            resume=resume,
+            progress=progress,
+        )
+    if as_json:
+        typer.echo(json.dumps(summary, default=str))
+    elif not quiet:
+        stdout.print(metrics_table(summary["faithfulness"]))

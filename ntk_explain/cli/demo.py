@@ -1,0 +1,82 @@
+"""`ntk-explain demo`: train the zoo CNN on the built-in digits, compute its eNTK and explain its predictions."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from safetensors.torch import save_file
+
+from ntk_explain import store
+from ntk_explain.cli.app import app, progress_bar, reported, stderr, stdout
+from ntk_explain.cli.compute import report_compute
+from ntk_explain.cli.options import SEED_MAX, Debug, Device, Json, ProjectionKind, Quiet
+from ntk_explain.cli.render import metrics_table, proponents_table
+from ntk_explain.loading import zoo
+from ntk_explain.loading.adapter import ModelAdapter
+from ntk_explain.loading.data import load_dataset
+from ntk_explain.stages.attribute import run_attribute
+from ntk_explain.stages.compute import run_compute
+
+
+@app.command()
+@reported
+def demo(
+    out: Annotated[Path, typer.Option(help="The run file to write; the weights go beside it.")] = Path("runs/demo.h5"),
+    kernel: Annotated[str, typer.Option(help="Comma-separated kernels.")] = "trace,pseudo,ck",
+    projection: Annotated[ProjectionKind, typer.Option(help="Random projection of the gradients.")] = "none",
+    epochs: Annotated[int, typer.Option(help="Training epochs.", min=1)] = 30,
+    device: Device = "auto",
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of training and projection.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing demo files.")] = False,
+    quiet: Quiet = False,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Train the zoo CNN on the built-in digits, compute its eNTK, and explain its test predictions."""
+    weights = out.with_suffix(".safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path in (out, weights):
+        store.check_target(path, overwrite=overwrite)
+    train, test = load_dataset("zoo:digits", "train"), load_dataset("zoo:digits", "test")
+    torch.manual_seed(seed)
+    began = time.perf_counter()
+    model = zoo.train_classifier(zoo.make_cnn(), train.x, train.y, epochs=epochs, seed=seed)
+    trained = time.perf_counter() - began
+    with torch.no_grad():
+        accuracy = (ModelAdapter(model)(test.inputs).argmax(1) == test.y).double().mean().item()
+    save_file(model.state_dict(), str(weights))
+    if not quiet and not as_json:
+        stderr.print(
+            f"trained zoo:cnn on zoo:digits in {trained:.1f}s: test accuracy {accuracy:.3f}; weights in {weights}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    with progress_bar(quiet) as progress:
+        summary = run_compute(
+            model="zoo:cnn",
+            weights=str(weights),
+            train="zoo:digits",
+            test="zoo:digits",
+            out=out,
+            kernel=kernel,
+            projection=ProjectionKind(projection).value,
+            device=device,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    summary.update(weights=str(weights), test_accuracy=round(accuracy, 4), train_seconds=round(trained, 2))
+    report_compute(summary, False, quiet or as_json)
+    with progress_bar(quiet) as progress:
+        explained = run_attribute(out, kernel="trace", device=device, progress=progress)
+    summary["attribution"] = explained
+    if as_json:
+        typer.echo(json.dumps(summary, default=str))
+    elif not quiet:
+        stdout.print(metrics_table(explained["faithfulness"]))
+        stdout.print(proponents_table(out, rows=3, top=3))

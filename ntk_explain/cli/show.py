@@ -1,0 +1,49 @@
+"""`ntk-explain info` and `ntk-explain evaluate`: what a run file holds, and the surrogate's faithfulness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ntk_explain import store
+from ntk_explain.cli.app import app, reported, stdout
+from ntk_explain.cli.options import Debug, Json
+from ntk_explain.cli.render import distill_table, info_table, metrics_table
+
+
+@app.command()
+@reported
+def info(
+    run: Annotated[Path, typer.Argument(help="A run file written by ntk-explain.")],
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Show what a run file holds: provenance, groups and datasets."""
+    if as_json:
+        typer.echo(json.dumps({"attrs": store.root_attrs(run), "items": store.summarize(run)}, default=str))
+    else:
+        stdout.print(info_table(run))
+        distilled = distill_table(run)
+        if distilled is not None:
+            stdout.print(distilled)
+
+
+@app.command()
+@reported
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run file with a fitted surrogate.")],
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Show the surrogate's faithfulness metrics, beside those of the distilled support's surrogate when both exist."""
+    found = store.faithfulness(run)
+    full, distilled = found.get("faithfulness"), found.get("distill/faithfulness")
+    if as_json:
+        typer.echo(json.dumps({**(full or {}), **({"distilled": distilled} if distilled else {})}, default=str))
+    elif full is None:
+        stdout.print(metrics_table(distilled))
+    else:
+        stdout.print(metrics_table(full, distilled))

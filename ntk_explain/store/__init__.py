@@ -1,0 +1,54 @@
+"""The HDF5 run file: its layout, life (atomic writes, locks, resume), datasets and readers. Only this package opens
+HDF5 files; the stages work on the groups and datasets it hands them, at the paths of `layout`."""
+
+from ntk_explain.store.arrays import (
+    checkpoint,
+    create_rows,
+    encode_features,
+    features_dataset,
+    read_features,
+    tiles_done,
+    write_array,
+)
+from ntk_explain.store.attrs import FORMAT_VERSION, attrs_dict, mark, provenance, set_attrs
+from ntk_explain.store.files import (
+    RESUME_KEYS,
+    check_target,
+    create_run,
+    open_run,
+    partial_params,
+    partial_path,
+    update_run,
+)
+from ntk_explain.store.read import faithfulness, group_attrs, read_kernel, root_attrs, summarize
+from ntk_explain.store.shards import SHARDED, join_shards, shard_path
+
+__all__ = [
+    "FORMAT_VERSION",
+    "RESUME_KEYS",
+    "SHARDED",
+    "attrs_dict",
+    "check_target",
+    "checkpoint",
+    "create_rows",
+    "create_run",
+    "encode_features",
+    "faithfulness",
+    "features_dataset",
+    "group_attrs",
+    "join_shards",
+    "mark",
+    "open_run",
+    "partial_params",
+    "partial_path",
+    "provenance",
+    "read_features",
+    "read_kernel",
+    "root_attrs",
+    "set_attrs",
+    "shard_path",
+    "summarize",
+    "tiles_done",
+    "update_run",
+    "write_array",
+]
