@@ -3,8 +3,11 @@ here, so that the command line builds its help and checks its options without lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from ntk_explain.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +27,50 @@ METHODS = ("kip", "gradient", "select")
 SELECTIONS = ("random", "kmeans", "leverage", "farthest")
 DISTILL_METRICS = ("reduction", "kernel_alignment", "kernel_alignment_centred")  # added to a support's faithfulness
 DEFAULT_REDUCTION = 20.0  # N/m when neither --reduction nor --per-class is given
+DTYPES = ("float32", "float64")
+TARGETS = ("model", "labels")
+FIT_ON = ("support", "train")
+SEED_MAX = 2**63 - 1  # seeds are stored as HDF5 int64 attributes
+
+
+def _check(holds: bool, message: str) -> None:
+    """A usage error (exit 2) unless `holds`."""
+    if not holds:
+        raise UsageError(message)
+
+
+def _one_of(value: object, allowed: tuple | Mapping, option: str) -> None:
+    _check(value in allowed, f"{option} {value!r}: expected one of {', '.join(map(str, allowed))}")
+
+
+class Params:
+    """A config object that is saved in the run file's `params` (`to_params`) and read back (`from_params`)."""
+
+    def to_params(self) -> dict[str, Any]:
+        """The JSON-friendly settings: every field, nested config objects as dicts, tuples as lists."""
+        return json_friendly(asdict(self))
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Any:
+        """The config object whose `to_params` gave `params` (other keys are ignored)."""
+        values = {f.name: params[f.name] for f in fields(cls) if f.name in params}
+        return cls(**{name: _restored(cls, name, value) for name, value in values.items()})
+
+
+def json_friendly(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: json_friendly(v) for key, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [json_friendly(v) for v in value]
+    return value
+
+
+def _restored(cls: type, name: str, value: Any) -> Any:
+    """A field's value from its JSON form: lists back to tuples, dicts of nested config objects back to them."""
+    nested = {"kip": KipSettings, "surrogate": SurrogateSpec}.get(name)
+    if nested is not None and isinstance(value, Mapping):
+        return nested.from_params(value)
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
@@ -42,8 +89,9 @@ class Shard:
 
 
 @dataclass(frozen=True)
-class KernelSpec:
-    """One kernel to compute: its variant, projection and parameter selection."""
+class KernelSpec(Params):
+    """One kernel to compute: its variant, projection (d = `dim`, default by kernel), seed and parameter selection
+    (globs), and the storage dtype of projected features."""
 
     kernel: str
     projection: str = "none"
@@ -53,12 +101,12 @@ class KernelSpec:
     feature_dtype: str | None = None  # storage of projected features: float32, float16, bfloat16 (None: as computed)
 
     def __post_init__(self) -> None:
-        if self.feature_dtype not in (None, *FEATURE_DTYPES):
-            raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}")
-        if self.projection not in PROJECTIONS:
-            raise ValueError(f"projection must be one of {PROJECTIONS}")
+        _one_of(self.kernel, KERNELS, "--kernel")
+        _one_of(self.projection, PROJECTIONS, "--projection")
+        _check(self.feature_dtype in (None, *FEATURE_DTYPES), f"--feature-dtype: one of {', '.join(FEATURE_DTYPES)}")
+        _check(self.dim is None or self.dim >= 1, "--proj-dim must be positive")
+        _check(0 <= self.seed <= SEED_MAX, f"--seed must be in [0, {SEED_MAX}]")
+        _check(self.params is None or bool(self.params), "--params: expected at least one glob")
 
     @property
     def projected(self) -> bool:
@@ -77,16 +125,18 @@ class KernelSpec:
 
 @dataclass(frozen=True)
 class Budget:
-    """Where and within how many bytes the work runs."""
+    """Where and within how many bytes the work runs, how many samples go through one forward/backward pass, and,
+    unless set, rows per tile from the budget."""
 
     device: torch.device
     bytes: int
-    batch_size: int | None = None
+    batch_size: int | None = None  # samples per forward/backward pass (None: auto, a whole tile)
     shard: Shard = field(default_factory=Shard)  # which row tiles this process computes
+    tile: int | None = None  # rows per Gram tile and checkpoint (None: from the memory budget)
 
 
 @dataclass(frozen=True)
-class KipSettings:
+class KipSettings(Params):
     """kip's optimiser: Adam steps, learning rate, the ridge λ of K_ss + λ tr(K_ss)/m I, real targets per step, and
     whether the support's labels are learned too."""
 
@@ -96,15 +146,19 @@ class KipSettings:
     batch_size: int = 256
     learn_labels: bool = True
 
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1 and self.batch_size >= 1, "--steps and --kip-batch must be positive")
+        _check(self.lr >= 0 and self.reg >= 0, "--lr and --reg must not be negative")
+
 
 @dataclass(frozen=True)
-class DistillSpec:
+class DistillSpec(Params):
     """How `distill` builds its support: the method, its size (m = N/reduction, or per_class per class), the classes
     (the network's predictions or the labels) and, for kip, the optimiser's settings."""
 
     method: str = "kip"
     selection: str = "random"
-    reduction: float | None = DEFAULT_REDUCTION
+    reduction: float | None = None  # None: DEFAULT_REDUCTION, unless per_class is given
     per_class: int | None = None
     target: str = "model"
     kip: KipSettings = field(default_factory=KipSettings)
@@ -112,19 +166,16 @@ class DistillSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}")
-
-    def options(self) -> dict:
-        """The settings as recorded in the run file's provenance."""
-        kip = {f.name: getattr(self.kip, f.name) for f in fields(self.kip)}
-        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "kip"}, "kip": kip}
+        _one_of(self.method, METHODS, "--method")
+        _one_of(self.selection, SELECTIONS, "--select")
+        _one_of(self.target, TARGETS, "--target")
+        _check(self.reduction is None or self.per_class is None, "give --reduction or --per-class, not both")
+        _check(self.reduction is None or self.reduction >= 1, "--reduction must be at least 1")
+        _check(self.per_class is None or self.per_class >= 1, "--per-class must be positive")
 
 
 @dataclass(frozen=True)
-class SurrogateSpec:
+class SurrogateSpec(Params):
     """The surrogate fitted by `attribute`: its kind, penalty, targets and kernel normalisation."""
 
     kind: str = "kglm"
@@ -133,3 +184,65 @@ class SurrogateSpec:
     normalize: str = "cosine"  # cosine | scale | none
     balanced: bool = False
     fit_on: str = "support"  # a distilled support's kGLM: on the support's labels, or on the N training points
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, SURROGATES, "--surrogate")
+        _check(self.alpha > 0, "--alpha must be positive")
+        _one_of(self.target, TARGETS, "--target")
+        _one_of(self.normalize, NORMALIZATIONS, "--normalize")
+        _one_of(self.fit_on, FIT_ON, "--fit-on")
+
+
+@dataclass(frozen=True)
+class AttributeSpec(Params):
+    """What `attribute` explains with (the kernel group; None: trace, or the only one), its surrogate, and what it
+    keeps: the top-k proponents and opponents, and the scores of every class."""
+
+    kernel: str | None = None
+    surrogate: SurrogateSpec = field(default_factory=SurrogateSpec)
+    top_k: int = 10
+    all_classes: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, "--top-k must be positive")
+
+
+@dataclass(frozen=True)
+class InputSpec(Params):
+    """The model and data of a stage that runs the model: the model (zoo:NAME, pkg.module:factory, hf:DIR or .pt2)
+    with its factory's kwargs and weights, the data files (or zoo:digits), the input arrays (several go to the model
+    by keyword) and labels, the logits' entry in the output, the first rows used, and the compute dtype."""
+
+    model: str
+    train: str
+    test: str | None = None
+    weights: str | None = None
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    x_key: tuple[str, ...] = ("x",)
+    y_key: str = "y"
+    output_key: str | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.model_kwargs, Mapping), "--model-kwargs must be a JSON object")
+        _check(bool(self.x_key) and all(self.x_key), "--x-key: expected an array name or a comma-separated list")
+        _check(self.output_key is None or bool(self.output_key.strip()), "--output-key must name an output entry")
+        _check(all(n is None or n >= 1 for n in (self.n_train, self.n_test)), "--n-train/--n-test must be positive")
+        _one_of(self.dtype, DTYPES, "--dtype")
+
+
+@dataclass(frozen=True)
+class Resources(Params):
+    """Where the work runs (auto, cpu, cuda, cuda:i) and within what: the memory budget (e.g. 2GB; None: half the
+    free memory), samples per forward/backward pass (None: auto) and rows per tile (None: from the budget)."""
+
+    device: str = "auto"
+    max_memory: str | None = None
+    batch_size: int | None = None
+    tile: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size is None or self.batch_size >= 1, "--batch-size must be a positive integer or auto")
+        _check(self.tile is None or self.tile >= 1, "--tile must be positive")

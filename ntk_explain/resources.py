@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import sys
-
-import torch
+from typing import TYPE_CHECKING
 
 from ntk_explain.errors import UsageError
+from ntk_explain.options import Budget, Resources, Shard
+
+if TYPE_CHECKING:
+    import torch
 
 _UNITS = {
     "": 1,
@@ -31,6 +35,8 @@ DEFAULT_FRACTION = 0.5
 
 def resolve_device(spec: str) -> torch.device:
     """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:i`."""
+    import torch
+
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -59,6 +65,8 @@ def parse_bytes(text: str) -> int:
 def available_bytes(device: torch.device) -> int:
     """Free memory on `device`: CUDA's free memory, or the host's MemAvailable."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as meminfo:
@@ -73,6 +81,15 @@ def available_bytes(device: torch.device) -> int:
 def memory_budget(device: torch.device, limit: str | None) -> int:
     """Bytes the work may use: `limit` when given, else a safe fraction of the free memory."""
     return parse_bytes(limit) if limit else int(DEFAULT_FRACTION * available_bytes(device))
+
+
+def budget(resources: Resources, shard: Shard | None = None) -> Budget:
+    """The budget of `resources` on this process's device (under torchrun, rank r's `cuda:LOCAL_RANK`)."""
+    shard = shard or Shard()
+    device = resolve_device(resources.device)
+    if shard.world > 1 and device.type == "cuda" and device.index is None:
+        device = type(device)("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return Budget(device, memory_budget(device, resources.max_memory), resources.batch_size, shard, resources.tile)
 
 
 def retain_freed_memory() -> bool:

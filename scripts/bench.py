@@ -479,10 +479,10 @@ def attribute_worker(args: argparse.Namespace, device: torch.device) -> dict[str
     if args.worker == "synthetic":
         synthetic_run(path, args.m, args.n, ATTRIBUTE_DIM, ATTRIBUTE_CLASSES)
     else:
-        from ntk_explain.options import Budget, SurrogateSpec
+        from ntk_explain.options import AttributeSpec, Budget
         from ntk_explain.stages.attribute import attribute_run
 
-        summary = attribute_run(str(path), None, SurrogateSpec(), Budget(device, args.budget))
+        summary = attribute_run(str(path), AttributeSpec(), Budget(device, args.budget))
         extra = {key: summary["faithfulness"][key] for key in ("agreement", "kendall_tau")}
     elapsed = time.perf_counter() - start
     return {

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -56,13 +55,19 @@ def reported(command: Callable) -> Callable:
 def _exit_code(error: Exception) -> int:
     if isinstance(error, NtkExplainError):
         message, code = str(error), error.exit_code
-    elif isinstance(error, torch.OutOfMemoryError | MemoryError):
+    elif isinstance(error, MemoryError) or _torch_out_of_memory(error):
         message, code = "out of memory: lower --max-memory or --batch-size", OutOfMemoryError.exit_code
     else:
         message, code = f"unexpected failure: {type(error).__name__}: {error} (rerun with --debug)", 1
     first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
     stderr.print(f"error: {first_line}", style="red", highlight=False, markup=False, soft_wrap=True)
     return code
+
+
+def _torch_out_of_memory(error: Exception) -> bool:
+    """Whether `error` is torch's out-of-memory error (torch is only consulted when a command has loaded it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
 
 
 class RichProgress:

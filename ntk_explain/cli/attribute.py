@@ -21,9 +21,7 @@ from ntk_explain.cli.options import (
     Surrogate,
     Target,
 )
-from ntk_explain.cli.render import metrics_table
-from ntk_explain.stages import distributed
-from ntk_explain.stages.attribute import run_attribute
+from ntk_explain.options import AttributeSpec, Resources, SurrogateSpec
 
 
 @app.command()
@@ -33,18 +31,16 @@ def attribute(
     kernel: Annotated[str | None, typer.Option(help="Kernel group (default: trace, or the only one).")] = None,
     surrogate: Annotated[
         Surrogate, typer.Option(help="kglm: kernel logistic regression; ridge: of the logits.")
-    ] = Surrogate.kglm,
-    target: Annotated[
-        Target, typer.Option(help="kGLM targets: the network's predictions or the labels.")
-    ] = Target.model,
+    ] = "kglm",
+    target: Annotated[Target, typer.Option(help="kGLM targets: the network's predictions or the labels.")] = "model",
     alpha: Annotated[float, typer.Option(help="L2 penalty α of mean loss + α‖W‖² (ridge: λ = αN).")] = 1e-4,
     normalize: Annotated[
         Normalize, typer.Option(help="cosine; scale: by the mean training self-kernel; none: raw.")
     ] = "cosine",
-    class_weight: Annotated[ClassWeight, typer.Option(help="Weigh classes by inverse frequency.")] = ClassWeight.none,
+    class_weight: Annotated[ClassWeight, typer.Option(help="Weigh classes by inverse frequency.")] = "none",
     fit_on: Annotated[
         FitOn, typer.Option(help="--kernel distilled: fit on the support's labels, or on the N training points.")
-    ] = FitOn.support,
+    ] = "support",
     top_k: Annotated[int, typer.Option(help="Proponents and opponents kept per point.", min=1)] = 10,
     all_classes: Annotated[bool, typer.Option(help="Also store (M, N, C) scores for every class.")] = False,
     device: Device = "auto",
@@ -58,26 +54,23 @@ def attribute(
     debug: Debug = False,
 ) -> None:
     """Fit a kernel surrogate, write data-attribution scores and faithfulness metrics into the run file."""
+    from ntk_explain.cli.render import metrics_table
+    from ntk_explain.stages import distributed
+    from ntk_explain.stages.attribute import attribute as run_attribute
+
     if distributed.from_environment().rank > 0:
         return  # under torchrun, rank 0 fits and writes; the fit is not sharded
+    fit = SurrogateSpec(
+        Surrogate(surrogate).value,
+        alpha,
+        Target(target).value,
+        Normalize(normalize).value,
+        ClassWeight(class_weight).value == "balanced",
+        FitOn(fit_on).value,
+    )
+    spec, resources = AttributeSpec(kernel, fit, top_k, all_classes), Resources(device, max_memory)
     with progress_bar(quiet) as progress:
-        summary = run_attribute(
-            run,
-            kernel=kernel,
-            surrogate=Surrogate(surrogate).value,
-            target=Target(target).value,
-            alpha=alpha,
-            normalize=Normalize(normalize).value,
-            class_weight=ClassWeight(class_weight).value,
-            fit_on=FitOn(fit_on).value,
-            top_k=top_k,
-            all_classes=all_classes,
-            device=device,
-            max_memory=max_memory,
-            overwrite=overwrite,
-            resume=resume,
-            progress=progress,
-        )
+        summary = run_attribute(run, spec, resources, overwrite=overwrite, resume=resume, progress=progress)
     if as_json:
         typer.echo(json.dumps(summary, default=str))
     elif not quiet:

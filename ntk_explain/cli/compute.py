@@ -10,22 +10,17 @@ import typer
 
 from ntk_explain.cli.app import app, progress_bar, reported
 from ntk_explain.cli.options import (
-    SEED_MAX,
-    BatchSize,
     Debug,
-    Device,
-    DType,
     FeatureDType,
     Json,
-    MaxMemory,
-    OutputKey,
     ProjectionKind,
     Quiet,
-    XKey,
+    Seed,
+    split_list,
+    with_inputs,
+    with_resources,
 )
-from ntk_explain.options import KERNELS
-from ntk_explain.stages import distributed
-from ntk_explain.stages.compute import run_compute
+from ntk_explain.options import KERNELS, InputSpec, KernelSpec, Resources
 
 
 def report_compute(summary: dict, as_json: bool, quiet: bool) -> None:
@@ -45,13 +40,12 @@ def report_compute(summary: dict, as_json: bool, quiet: bool) -> None:
 
 @app.command()
 @reported
+@with_inputs
+@with_resources
 def compute(
-    model: Annotated[str, typer.Option(help="pkg.module:factory, zoo:NAME (mlp, cnn) or a torch.export .pt2 file.")],
-    train: Annotated[str, typer.Option(help="Training data: .npz, .safetensors, .h5 (arrays x, y) or zoo:digits.")],
     out: Annotated[Path, typer.Option(help="The run file (HDF5) to write.")],
-    test: Annotated[str | None, typer.Option(help="Data to explain (rows of test_train).")] = None,
-    weights: Annotated[str | None, typer.Option(help=".safetensors, or .pt/.pth (loaded weights_only).")] = None,
-    model_kwargs: Annotated[str | None, typer.Option(help="JSON object of factory arguments.")] = None,
+    inputs: InputSpec,
+    resources: Resources,
     kernel: Annotated[str, typer.Option(help=f"Comma-separated kernels: {', '.join(KERNELS)}.")] = "trace",
     projection: Annotated[ProjectionKind, typer.Option(help="Random projection of the gradients.")] = "none",
     proj_dim: Annotated[int | None, typer.Option(help="Projection dimension (default 10240; pseudo 4096).")] = None,
@@ -59,16 +53,7 @@ def compute(
         FeatureDType | None, typer.Option(help="Storage of projected features (default: the --dtype).")
     ] = None,
     params: Annotated[str | None, typer.Option(help="Parameter globs, e.g. 'fc.*' (default: all).")] = None,
-    x_key: XKey = "x",
-    y_key: Annotated[str, typer.Option(help="Name of the label array in data files.")] = "y",
-    output_key: OutputKey = None,
-    n_train: Annotated[int | None, typer.Option(help="Use only the first N training points.", min=1)] = None,
-    n_test: Annotated[int | None, typer.Option(help="Use only the first M test points.", min=1)] = None,
-    device: Device = "auto",
-    dtype: Annotated[DType, typer.Option(help="Computation and storage precision.")] = DType.float32,
-    batch_size: BatchSize = "auto",
-    max_memory: MaxMemory = None,
-    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the random projection.")] = 0,
+    seed: Seed = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue the partial run that an interrupted or killed compute of --out left.")
@@ -78,31 +63,13 @@ def compute(
     debug: Debug = False,
 ) -> None:
     """Compute eNTK kernels (train×train, test×train and self-kernel diagonals) into a run file."""
+    from ntk_explain.stages import distributed
+    from ntk_explain.stages.compute import compute as run_compute
+
+    globs = split_list(params, "--params", None) if params is not None else None
+    storage = FeatureDType(feature_dtype).value if feature_dtype else None
+    kind = ProjectionKind(projection).value
+    kernels = [KernelSpec(k, kind, proj_dim, seed, globs, storage) for k in split_list(kernel, "--kernel", KERNELS)]
     with progress_bar(quiet or distributed.from_environment().rank > 0) as progress:
-        summary = run_compute(
-            model=model,
-            train=train,
-            out=out,
-            test=test,
-            weights=weights,
-            model_kwargs=model_kwargs,
-            kernel=kernel,
-            projection=ProjectionKind(projection).value,
-            proj_dim=proj_dim,
-            feature_dtype=FeatureDType(feature_dtype).value if feature_dtype else None,
-            params=params,
-            x_key=x_key,
-            y_key=y_key,
-            output_key=output_key,
-            n_train=n_train,
-            n_test=n_test,
-            device=device,
-            dtype=DType(dtype).value,
-            batch_size=batch_size,
-            max_memory=max_memory,
-            seed=seed,
-            overwrite=overwrite,
-            resume=resume,
-            progress=progress,
-        )
+        summary = run_compute(inputs, kernels, out, resources, overwrite=overwrite, resume=resume, progress=progress)
     report_compute(summary, as_json, quiet)

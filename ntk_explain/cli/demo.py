@@ -7,20 +7,12 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
-from safetensors.torch import save_file
 
-from ntk_explain import store
 from ntk_explain.cli.app import app, progress_bar, reported, stderr, stdout
 from ntk_explain.cli.compute import report_compute
-from ntk_explain.cli.options import SEED_MAX, Debug, Device, Json, ProjectionKind, Quiet
-from ntk_explain.cli.render import metrics_table, proponents_table
-from ntk_explain.loading import zoo
-from ntk_explain.loading.adapter import ModelAdapter
-from ntk_explain.loading.data import load_dataset
-from ntk_explain.stages.attribute import run_attribute
-from ntk_explain.stages.compute import run_compute
+from ntk_explain.cli.options import Debug, Device, Json, ProjectionKind, Quiet, Seed, split_list
+from ntk_explain.options import KERNELS, AttributeSpec, InputSpec, KernelSpec, Resources
 
 
 @app.command()
@@ -31,17 +23,31 @@ def demo(
     projection: Annotated[ProjectionKind, typer.Option(help="Random projection of the gradients.")] = "none",
     epochs: Annotated[int, typer.Option(help="Training epochs.", min=1)] = 30,
     device: Device = "auto",
-    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of training and projection.")] = 0,
+    seed: Seed = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace existing demo files.")] = False,
     quiet: Quiet = False,
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:
     """Train the zoo CNN on the built-in digits, compute its eNTK, and explain its test predictions."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ntk_explain import store
+    from ntk_explain.cli.render import metrics_table, proponents_table
+    from ntk_explain.loading import zoo
+    from ntk_explain.loading.adapter import ModelAdapter
+    from ntk_explain.loading.data import load_dataset
+    from ntk_explain.stages.attribute import attribute
+    from ntk_explain.stages.compute import compute
+
     weights = out.with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     for path in (out, weights):
         store.check_target(path, overwrite=overwrite)
+    kernels = [
+        KernelSpec(k, ProjectionKind(projection).value, None, seed) for k in split_list(kernel, "--kernel", KERNELS)
+    ]
     train, test = load_dataset("zoo:digits", "train"), load_dataset("zoo:digits", "test")
     torch.manual_seed(seed)
     began = time.perf_counter()
@@ -51,32 +57,17 @@ def demo(
         accuracy = (ModelAdapter(model)(test.inputs).argmax(1) == test.y).double().mean().item()
     save_file(model.state_dict(), str(weights))
     if not quiet and not as_json:
-        stderr.print(
-            f"trained zoo:cnn on zoo:digits in {trained:.1f}s: test accuracy {accuracy:.3f}; weights in {weights}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        message = f"trained zoo:cnn on zoo:digits in {trained:.1f}s: test accuracy {accuracy:.3f}; weights in {weights}"
+        stderr.print(message, highlight=False, soft_wrap=True)
+    inputs, resources = InputSpec("zoo:cnn", "zoo:digits", "zoo:digits", str(weights)), Resources(device)
     with progress_bar(quiet) as progress:
-        summary = run_compute(
-            model="zoo:cnn",
-            weights=str(weights),
-            train="zoo:digits",
-            test="zoo:digits",
-            out=out,
-            kernel=kernel,
-            projection=ProjectionKind(projection).value,
-            device=device,
-            seed=seed,
-            overwrite=overwrite,
-            progress=progress,
-        )
+        summary = compute(inputs, kernels, out, resources, overwrite=overwrite, progress=progress)
     summary.update(weights=str(weights), test_accuracy=round(accuracy, 4), train_seconds=round(trained, 2))
     report_compute(summary, False, quiet or as_json)
     with progress_bar(quiet) as progress:
-        explained = run_attribute(out, kernel="trace", device=device, progress=progress)
-    summary["attribution"] = explained
+        summary["attribution"] = attribute(out, AttributeSpec("trace"), resources, progress=progress)
     if as_json:
         typer.echo(json.dumps(summary, default=str))
     elif not quiet:
-        stdout.print(metrics_table(explained["faithfulness"]))
+        stdout.print(metrics_table(summary["attribution"]["faithfulness"]))
         stdout.print(proponents_table(out, rows=3, top=3))

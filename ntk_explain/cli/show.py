@@ -8,10 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ntk_explain import store
 from ntk_explain.cli.app import app, reported, stdout
 from ntk_explain.cli.options import Debug, Json
-from ntk_explain.cli.render import distill_table, info_table, metrics_table
 
 
 @app.command()
@@ -22,6 +20,9 @@ def info(
     debug: Debug = False,
 ) -> None:
     """Show what a run file holds: provenance, groups and datasets."""
+    from ntk_explain import store
+    from ntk_explain.cli.render import distill_table, info_table
+
     if as_json:
         typer.echo(json.dumps({"attrs": store.root_attrs(run), "items": store.summarize(run)}, default=str))
     else:
@@ -39,6 +40,9 @@ def evaluate(
     debug: Debug = False,
 ) -> None:
     """Show the surrogate's faithfulness metrics, beside those of the distilled support's surrogate when both exist."""
+    from ntk_explain import store
+    from ntk_explain.cli.render import metrics_table
+
     found = store.faithfulness(run)
     full, distilled = found.get("faithfulness"), found.get("distill/faithfulness")
     if as_json:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ntk_explain.distill.spectra import unit_rows
+from ntk_explain.kernel.normalize import unit_rows
 
 
 def kip_loss(support: Tensor, target: Tensor, support_labels: Tensor, target_outputs: Tensor, reg: float) -> Tensor:
@@ -65,17 +65,25 @@ class KIP:
         target_outputs: Tensor,
         target_classes: Tensor,
         on_step: Callable[[float], None] | None = None,
+        *,
+        state: KipState | None = None,
+        checkpoint: Callable[[KipState], None] | None = None,
+        every: int = 10,
     ) -> KIP:
-        """Start from real inputs (m, …) with labels (m, C); targets: features (N, D), outputs y_t (N, C), classes."""
+        """Start from real inputs (m, …) with labels (m, C); targets: features (N, D), outputs y_t (N, C), classes.
+        With `state` (an interrupted fit's, from `checkpoint`, called every `every` steps), go on from there: the
+        result is that of an uninterrupted fit."""
         generator = torch.Generator().manual_seed(self.seed)
         x = inputs.detach().clone().requires_grad_(True)
         y = labels.detach().clone().requires_grad_(self.learn_labels)
         optimizer = torch.optim.Adam([x, y] if self.learn_labels else [x], lr=self.lr)
+        self.losses_, first = [], 0
+        if state is not None:
+            first, self.losses_ = state.restore(x, y, optimizer, generator)
         by_class = [torch.nonzero(target_classes == c).flatten().cpu() for c in range(labels.shape[1])]
         by_class = [rows for rows in by_class if len(rows)]
         per_class = max(1, self.batch_size // len(by_class))
-        self.losses_ = []
-        for _ in range(self.steps):
+        for step in range(first, self.steps):
             batch = torch.cat(
                 [rows[torch.randint(0, len(rows), (per_class,), generator=generator)] for rows in by_class]
             ).to(target_features.device)
@@ -86,5 +94,38 @@ class KIP:
             self.losses_.append(loss.item())
             if on_step is not None:
                 on_step(self.losses_[-1])
+            if checkpoint is not None and (step + 1) % every == 0 and step + 1 < self.steps:
+                checkpoint(KipState.of(step + 1, x, y, optimizer, generator, self.losses_))
         self.inputs_, self.labels_ = x.detach(), y.detach()
         return self
+
+
+@dataclass
+class KipState:
+    """Where a kip fit stands after `step` steps: the support, Adam's state, the generator's, the losses so far."""
+
+    step: int
+    inputs: Tensor
+    labels: Tensor
+    optimizer: dict
+    generator: Tensor
+    losses: list[float]
+
+    @staticmethod
+    def of(
+        step: int, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator, losses: list
+    ) -> KipState:
+        return KipState(
+            step, x.detach().clone(), y.detach().clone(), optimizer.state_dict(), generator.get_state(), [*losses]
+        )
+
+    def restore(
+        self, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator
+    ) -> tuple[int, list[float]]:
+        """Put the support, the optimiser and the generator back as they were; (the next step, the losses)."""
+        with torch.no_grad():
+            x.copy_(self.inputs)
+            y.copy_(self.labels)
+        optimizer.load_state_dict(self.optimizer)
+        generator.set_state(self.generator)
+        return self.step, [*self.losses]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ntk_explain.kernel.normalize import unit_rows
 
 
 def spectrum(features: Tensor) -> Tensor:
@@ -74,11 +75,6 @@ def predictor_kernel(test: Tensor, support: Tensor, ridge: float = 1e-6) -> Tens
     covariance = support.T @ support
     system = covariance + eps * torch.eye(d, dtype=support.dtype, device=support.device)
     return test @ covariance @ torch.linalg.solve(system, test.T)
-
-
-def unit_rows(features: Tensor) -> Tensor:
-    """Rows scaled to unit norm (zero rows stay zero): the features of the cosine-normalised kernel."""
-    return F.normalize(features, dim=1)
 
 
 def nearest(support: Tensor, train: Tensor, k: int, rows: int = 1024) -> tuple[Tensor, Tensor]:

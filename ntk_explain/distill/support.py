@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ntk_explain.distill.spectra import unit_rows
+from ntk_explain.kernel.normalize import unit_rows
 from ntk_explain.options import SELECTIONS
 
 

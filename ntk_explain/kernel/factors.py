@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -26,3 +27,18 @@ class Factors:
     @property
     def n(self) -> int:
         return self.dense.shape[0]
+
+    @staticmethod
+    def joined(parts: list[Factors]) -> Factors:
+        """The features of consecutive batches as one: every tensor joined along the samples."""
+
+        def cat(tensors: tuple[tuple[Tensor, ...], ...]) -> tuple[Tensor, ...]:
+            return tuple(torch.cat(group) for group in zip(*tensors, strict=True))
+
+        return Factors(
+            torch.cat([p.dense for p in parts]),
+            cat(tuple(p.deltas for p in parts)),
+            cat(tuple(p.inputs for p in parts)),
+            cat(tuple(p.lookup_deltas for p in parts)),
+            cat(tuple(p.indices for p in parts)),
+        )

@@ -4,6 +4,9 @@ self-kernels, and of features (rows scaled to unit self-kernel)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from ntk_explain.errors import BadInputError
 
@@ -41,3 +44,14 @@ def cosine_normalize(kernel: np.ndarray, diag_rows: np.ndarray, diag_cols: np.nd
     else:
         scale = r[:, None, :, None] * c[None, :, None, :]
     return (kernel * scale).astype(np.result_type(kernel.dtype, np.float32), copy=False)
+
+
+def cosine_features(features: Tensor, diag: Tensor) -> Tensor:
+    """Features φ (n, D) scaled by 1/sqrt(K(x, x)) from the stored self-kernels `diag` (n,), 0 where it is 0: the
+    features of the cosine-normalised kernel as the stored kernel has it."""
+    return features * torch.where(diag > 0, diag.clamp_min(1e-300).rsqrt(), 0.0)[:, None]
+
+
+def unit_rows(features: Tensor) -> Tensor:
+    """Rows scaled to unit norm (zero rows stay zero): the features of the cosine-normalised kernel."""
+    return F.normalize(features, dim=1)

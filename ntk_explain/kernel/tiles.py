@@ -36,30 +36,23 @@ class Tiles:
         return factors
 
 
-def kernel_blocks(
-    rows: Tiles, cols: Tiles | None, how: str, stripes: Callable[[int], bool] | None = None
-) -> Iterator[tuple[slice, slice, Tensor]]:
-    """Blocks (row slice, column slice, block) of the rows × cols Gram, stripe by stripe: the blocks of one row tile.
+def stripe(rows: Tiles, cols: Tiles | None, how: str, index: int) -> Iterator[tuple[slice, slice, Tensor]]:
+    """The blocks (row slice, column slice, block) of the stripe of row tile `index` of the rows × cols Gram.
 
-    cols None: the symmetric rows × rows Gram, each off-diagonal block computed once and mirrored (the stripe of row
-    tile r is its blocks from the diagonal on and their mirrors). `stripes(i)` says whether the stripe of the i-th
-    row tile is wanted (default: all).
+    cols None: the symmetric rows × rows Gram; the stripe of row tile r is its blocks from the diagonal on, each
+    off-diagonal block computed once and also given mirrored, at (c, r).
     """
-    for index, (r0, r1) in enumerate(rows.bounds):
-        if stripes is not None and not stripes(index):
+    r0, r1 = rows.bounds[index]
+    a = rows.get(r0, r1)
+    for c0, c1 in (cols or rows).bounds:
+        if cols is None and c0 < r0:
             continue
-        a = rows.get(r0, r1)
-        for c0, c1 in (cols or rows).bounds:
-            if cols is None and c0 < r0:
-                continue
-            block = gram(a, a if cols is None and c0 == r0 else (cols or rows).get(c0, c1), how)
-            yield slice(r0, r1), slice(c0, c1), block
-            if cols is None and c0 != r0:
-                yield slice(c0, c1), slice(r0, r1), mirror(block)
+        block = gram(a, a if cols is None and c0 == r0 else (cols or rows).get(c0, c1), how)
+        yield slice(r0, r1), slice(c0, c1), block
+        if cols is None and c0 != r0:
+            yield slice(c0, c1), slice(r0, r1), mirror(block)
 
 
-def self_kernel(tiles: Tiles, how: str, stripes: Callable[[int], bool] | None = None) -> Iterator[tuple[slice, Tensor]]:
-    """K(x, x) of the samples of every (wanted: `stripes(i)`) tile: (n,), (n, C) or (n, C, C)."""
-    for index, (start, stop) in enumerate(tiles.bounds):
-        if stripes is None or stripes(index):
-            yield slice(start, stop), gram(tiles.get(start, stop), None, how)
+def self_block(tiles: Tiles, how: str, index: int) -> Tensor:
+    """K(x, x) of the samples of row tile `index`: (n,), (n, C) or (n, C, C)."""
+    return gram(tiles.get(*tiles.bounds[index]), None, how)

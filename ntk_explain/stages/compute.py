@@ -4,121 +4,116 @@ ranks under torchrun."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from ntk_explain import resources as devices
 from ntk_explain import store
 from ntk_explain.errors import UsageError
-from ntk_explain.options import KERNELS, KernelSpec
+from ntk_explain.options import Budget, InputSpec, KernelSpec, Resources, Shard
 from ntk_explain.stages import distributed
-from ntk_explain.stages.inputs import load_inputs, split_list
+from ntk_explain.stages.inputs import Inputs, load_inputs
 from ntk_explain.stages.kernels import compute_kernel, network_logits, write_data
-from ntk_explain.stages.progress import Progress
+from ntk_explain.stages.progress import Progress, Silent
 
 
-def run_compute(
-    *,
-    model: str,
-    train: str,
+def compute(
+    inputs: InputSpec,
+    kernels: Sequence[KernelSpec],
     out: Path,
-    test: str | None = None,
-    weights: str | None = None,
-    model_kwargs: str | None = None,
-    kernel: str = "trace",
-    projection: str = "none",
-    proj_dim: int | None = None,
-    feature_dtype: str | None = None,
-    params: str | None = None,
-    x_key: str = "x",
-    y_key: str = "y",
-    output_key: str | None = None,
-    n_train: int | None = None,
-    n_test: int | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    batch_size: str | None = None,
-    max_memory: str | None = None,
-    seed: int = 0,
+    resources: Resources,
+    *,
     overwrite: bool = False,
     resume: bool = False,
     progress: Progress | None = None,
 ) -> dict:
-    """Load, validate, and write the run file with every requested kernel; returns a summary.
+    """Load and check the model and data, and write the run file `out` with every kernel of `kernels` (one seed,
+    projection and parameter selection for all); returns a summary.
 
     An interrupt keeps the partial run file; `resume` continues it (same options; the memory budget and batch size
-    it recorded stand in for defaults, so its tiles, and therefore its numbers, stay the same)."""
+    it recorded stand in for defaults, so its tiles, and therefore its numbers, stay the same). Under torchrun every
+    rank writes its shard file and rank 0 joins them."""
+    if not kernels:
+        raise UsageError("--kernel: expected at least one kernel")
     store.check_target(out, overwrite=overwrite)
     shard = distributed.from_environment()
     written = out if shard.world == 1 else store.shard_path(out, shard.rank, shard.world)
-    recorded = store.partial_params(written) if resume else None
-    if recorded:
-        max_memory = max_memory or str(recorded["max_memory"])
-        batch_size = str(recorded["batch_size"]) if batch_size in (None, "auto") else batch_size
-    kernels = split_list(kernel, "--kernel", KERNELS)
-    globs = split_list(params, "--params")
-    if proj_dim is not None and proj_dim < 1:
-        raise UsageError("--proj-dim must be positive")
-    options = {
-        "kernel": list(kernels),
-        "projection": projection,
-        "proj_dim": proj_dim,
-        "feature_dtype": feature_dtype,
-        "params": list(globs or ["*"]),
-    }
-    inputs = load_inputs(
-        model=model,
-        train=train,
-        test=test,
-        weights=weights,
-        model_kwargs=model_kwargs,
-        x_key=x_key,
-        y_key=y_key,
-        output_key=output_key,
-        n_train=n_train,
-        n_test=n_test,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        max_memory=max_memory,
-        seed=seed,
-        options=options,
-    )
-    data, budget = inputs.data, replace(inputs.budget, shard=shard)
-    specs = [KernelSpec(k, projection, proj_dim, seed, globs, feature_dtype) for k in kernels]
-    started = time.perf_counter()
-    summary: dict = {"out": str(out), "device": str(budget.device), "classes": inputs.classes, "kernels": {}}
-    target = store.create_run(
-        written, overwrite=overwrite or shard.world > 1, attrs=inputs.attrs, resumable=True, resume=resume
-    )
+    budget = devices.budget(_resumed(resources, written) if resume else resources, shard)
+    loaded = load_inputs(inputs, budget, _kernel_options(kernels), kernels[0].seed)
+    began = time.perf_counter()
+    summary: dict = {"out": str(out), "device": str(budget.device), "classes": loaded.classes, "kernels": {}}
     if shard.world > 1:
         summary.update(rank=shard.rank, world_size=shard.world)
         distributed.start(shard, budget.device)
     try:
-        with target as run:
-            summary["resumed"] = int(run.attrs.get("resumed", 0))
-            for split, dataset in data.items():
-                write_data(run, split, dataset, network_logits(inputs.net, dataset.inputs, budget))
-                summary[f"n_{split}"] = len(dataset.inputs)
-            for spec in specs:
-                began = time.perf_counter()
-                test_x = data["test"].inputs if "test" in data else None
-                kernel_attrs = compute_kernel(run, inputs.net, spec, data["train"].inputs, test_x, budget, progress)
-                summary["kernels"][spec.name] = {**kernel_attrs, "seconds": round(time.perf_counter() - began, 3)}
+        run = store.create_run(
+            written, overwrite=overwrite or shard.world > 1, attrs=loaded.attrs, resumable=True, resume=resume
+        )
+        with run as f:
+            summary["resumed"] = int(f.attrs.get("resumed", 0))
+            _write_kernels(f, loaded, kernels, budget, progress or Silent(), summary)
         if shard.world > 1:
-            distributed.barrier(shard)
-            if shard.rank == 0:
-                shards = [store.shard_path(out, rank, shard.world) for rank in range(shard.world)]
-                store.join_shards(out, shards, overwrite=overwrite)
-            distributed.barrier(shard)
+            _join(out, shard, overwrite)
     except KeyboardInterrupt:
         raise kept_partial(written) from None
     finally:
         distributed.stop(shard)
-    summary["seconds"] = round(time.perf_counter() - started, 3)
+    summary["seconds"] = round(time.perf_counter() - began, 3)
     return summary
 
 
+def _resumed(resources: Resources, written: Path) -> Resources:
+    """The resources of a resumed run: its recorded memory budget and batch size, unless given again."""
+    recorded = store.partial_params(written)
+    if not recorded:
+        return resources
+    batch = recorded.get("batch_size")
+    return replace(
+        resources,
+        max_memory=resources.max_memory or str(recorded["max_memory"]),
+        batch_size=resources.batch_size or (batch if isinstance(batch, int) else None),
+        tile=resources.tile or recorded.get("tile"),
+    )
+
+
+def _kernel_options(kernels: Sequence[KernelSpec]) -> dict:
+    """compute's own settings, as recorded in the run's params."""
+    first = kernels[0]
+    return {
+        "kernel": [spec.kernel for spec in kernels],
+        "projection": first.projection,
+        "proj_dim": first.dim,
+        "feature_dtype": first.feature_dtype,
+        "params": list(first.params or ["*"]),
+    }
+
+
+def _write_kernels(
+    run: store.H5File, loaded: Inputs, kernels: Sequence[KernelSpec], budget: Budget, progress: Progress, summary: dict
+) -> None:
+    """/data/<split> of every data set, then every kernel, each timed in the summary."""
+    data = loaded.data
+    for split, dataset in data.items():
+        write_data(run, split, dataset, network_logits(loaded.net, dataset.inputs, budget))
+        summary[f"n_{split}"] = len(dataset.inputs)
+    test = data["test"].inputs if "test" in data else None
+    for spec in kernels:
+        began = time.perf_counter()
+        attrs = compute_kernel(run, loaded.net, spec, data["train"].inputs, test, budget, progress)
+        summary["kernels"][spec.name] = {**attrs, "seconds": round(time.perf_counter() - began, 3)}
+
+
+def _join(out: Path, shard: Shard, overwrite: bool) -> None:
+    """Rank 0 joins the shard files into `out` once every rank has written its own."""
+    distributed.barrier(shard)
+    if shard.rank == 0:
+        shards = [store.shard_path(out, rank, shard.world) for rank in range(shard.world)]
+        store.join_shards(out, shards, overwrite=overwrite)
+    distributed.barrier(shard)
+
+
 def kept_partial(path: Path) -> KeyboardInterrupt:
-    """The interrupt of a resumable command, naming the partial file it keeps (if it got as far as making one)."""
+    """The interrupt of a resumable stage, naming the partial file it keeps (if it got as far as making one)."""
     partial = store.partial_path(path)
     return KeyboardInterrupt(f"the partial run is kept in {partial}; --resume continues it" if partial.exists() else "")

@@ -1,5 +1,10 @@
 """The distill stage: the training set's projected features → a support of m ≪ N points → /distill and the support's
-kernel with the test set."""
+kernel with the test set (/kernel/distilled).
+
+It is resumable: the projected features of every point (tile by tile) and kip's state (every `KIP_CHECKPOINT` steps)
+are kept in a scratch file beside the run file until the stage is done, so that `--resume` after an interrupt or a
+kill goes on from them, to the numbers of an uninterrupted run.
+"""
 
 from __future__ import annotations
 
@@ -9,45 +14,72 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from ntk_explain import store
 from ntk_explain.distill.kip import KIP
-from ntk_explain.distill.spectra import centred, class_ranks, kernel_alignment, nearest, predictor_kernel, unit_rows
+from ntk_explain.distill.spectra import centred, class_ranks, kernel_alignment, nearest, predictor_kernel
 from ntk_explain.distill.support import allocate, centred_one_hot, gradient_support, select
 from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
 from ntk_explain.features.featurizer import SKETCH_PROBE, Featurizer, featurizer
-from ntk_explain.loading.adapter import Batch, ModelAdapter
-from ntk_explain.loading.data import Dataset
-from ntk_explain.options import DEFAULT_REDUCTION, Budget, DistillSpec, KernelSpec
-from ntk_explain.stages.inputs import Inputs
-from ntk_explain.stages.kernels import (
-    feature_kernel,
-    feature_tiles,
-    kernel_attrs,
-    network_logits,
-    tile_size,
-    write_data,
-)
+from ntk_explain.kernel.normalize import unit_rows
+from ntk_explain.loading.adapter import Batch
+from ntk_explain.options import DEFAULT_REDUCTION, Budget, DistillSpec, InputSpec, KernelSpec, Resources
+from ntk_explain.resources import budget as resolve_budget
+from ntk_explain.stages.compute import kept_partial
+from ntk_explain.stages.distill_state import load_kip, save_kip, stored_features
+from ntk_explain.stages.inputs import Inputs, load_inputs
+from ntk_explain.stages.kernels import feature_kernel, kernel_attrs, network_logits, tile_size, write_data
 from ntk_explain.stages.progress import Progress, Silent
+from ntk_explain.store import layout
 
 RANK_EPS = (0.01, 0.05)
+KIP_CHECKPOINT = 10  # kip steps between checkpoints
 
 
-def _all_features(
-    features: Featurizer, x: Batch, tile: int, device: torch.device, progress: Progress, description: str
-) -> Tensor:
-    """Projected features of every row of x, flattened to (n, K·d): the trace kernel is their inner product."""
-    return torch.cat(
-        [
-            values.reshape(len(values), -1)
-            for _, values in feature_tiles(features, x, tile, device, progress, description)
-        ]
-    )
+def distill(
+    inputs: InputSpec,
+    kernel: KernelSpec,
+    spec: DistillSpec,
+    out: Path,
+    resources: Resources,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    export: Path | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Distil the training set of `inputs` into a support (`spec`) on the projected `kernel`; write /distill and
+    /kernel/distilled into `out` (new, or a run file of the same model and data), and the support to `export`
+    (safetensors) when given. An interrupt keeps the partial file and the scratch state; `resume` continues."""
+    _check(inputs, kernel, spec)
+    if export is not None:
+        store.check_target(export, overwrite=overwrite)
+    budget = resolve_budget(resources)
+    options = {"kernel": [kernel.name], "projection": kernel.projection, "proj_dim": kernel.proj_dim}
+    loaded = load_inputs(inputs, budget, {**options, "distill": spec.to_params()}, kernel.seed)
+    request = {"inputs": inputs.to_params(), "kernel": kernel.to_params(), "distill": spec.to_params()}
+    try:
+        with distill_target(out, loaded, overwrite, request, resume) as run:
+            with store.scratch(out, request, resume=resume) as scratch:
+                summary = distill_support(run, scratch, loaded, kernel, spec, progress or Silent())
+            store.set_attrs(run[layout.DISTILL], {key: loaded.attrs[key] for key in ("command", "params", "created")})
+    except KeyboardInterrupt:
+        raise kept_partial(out) from None
+    if export is not None:
+        export_support(out, export)
+    return {"out": str(out), **summary}
+
+
+def _check(inputs: InputSpec, kernel: KernelSpec, spec: DistillSpec) -> None:
+    """The options distillation needs: a projected pseudo or trace kernel."""
+    if kernel.kernel not in ("pseudo", "trace"):
+        raise UsageError(f"--kernel {kernel.kernel!r}: distil a pseudo or trace kernel")
+    if kernel.projection == "none":
+        raise UsageError("--projection none: distillation works on projected features; choose a projection")
 
 
 @dataclass
@@ -73,10 +105,12 @@ def build_support(
     outputs: Tensor,
     sizes: list[int],
     progress: Progress,
+    scratch: store.H5File | None = None,
 ) -> Support:
     """The support of `distill.method` from the training inputs x (N, …, any device), their features φ (N, K·d),
     classes and network outputs y_t (N, C) (kip's targets); `feature_map` gives the (differentiable) features of
-    inputs. Only the chosen rows of x move to φ's device."""
+    inputs. Only the chosen rows of x move to φ's device. kip checkpoints its state in `scratch`, and starts from the
+    state found there."""
     n_classes = outputs.shape[1]
     if distill.method == "gradient":
         features, support_classes = gradient_support(phi, classes, sizes, distill.seed)
@@ -88,8 +122,23 @@ def build_support(
     if distill.method == "select":
         return Support(phi[source], classes[source], labels, inputs, source)
     kip = KIP(**asdict(distill.kip), seed=distill.seed)
+    state = load_kip(scratch) if scratch is not None else None
     progress.start("kip steps", kip.steps)
-    kip.fit(feature_map, inputs, labels, phi, outputs, classes, lambda _loss: progress.advance())
+    progress.advance(state.step if state is not None else 0)
+    checkpoint = (lambda kept: save_kip(scratch, kept)) if scratch is not None else None
+    on_step = lambda _loss: progress.advance()  # noqa: E731
+    kip.fit(
+        feature_map,
+        inputs,
+        labels,
+        phi,
+        outputs,
+        classes,
+        on_step,
+        state=state,
+        checkpoint=checkpoint,
+        every=KIP_CHECKPOINT,
+    )
     with torch.no_grad():
         features = feature_map(kip.inputs_)
     jacobians = (kip.steps + 1) * len(source)
@@ -121,7 +170,9 @@ _SUPPORT_DIMS = {
 }
 
 
-def _write_support(group: h5py.Group, support: Support, near: tuple[Tensor, Tensor], ranks: dict[str, Tensor]) -> None:
+def _write_support(
+    group: store.H5Group, support: Support, near: tuple[Tensor, Tensor], ranks: dict[str, Tensor]
+) -> None:
     """/distill's datasets: the support, its nearest real points and the per-class spectra (`_SUPPORT_DIMS`)."""
     if support.inputs is not None:
         dims = ("support", *("input",) * (support.inputs.dim() - 1))
@@ -135,50 +186,77 @@ def _write_support(group: h5py.Group, support: Support, near: tuple[Tensor, Tens
         store.write_array(group, "loss", np.array(support.losses), ("step",))
 
 
+@dataclass
+class _Features:
+    """The featurizer of the distilled kernel, its tile, and the projected features of train (and test)."""
+
+    featurizer: Featurizer
+    tile: int
+    train: Tensor
+    test: Tensor | None
+
+
+def _features(scratch: store.H5File, loaded: Inputs, kernel: KernelSpec, progress: Progress) -> _Features:
+    """Every point's projected features, flattened (n, K·d), kept in the scratch file tile by tile."""
+    budget, x = loaded.budget, loaded.data["train"].inputs
+    test = loaded.data["test"].inputs if "test" in loaded.data else None
+    features = featurizer(loaded.net, kernel, x[:SKETCH_PROBE].to(budget.device), budget)
+    width, rows = features.classes * kernel.proj_dim, len(x) + (len(test) if test is not None else 0)
+    if 3 * rows * width * features.dtype.itemsize > budget.bytes:
+        raise OutOfMemoryError(f"distilling needs the {rows}×{width} projected features in memory: lower --proj-dim")
+    tile = tile_size(len(x), features, budget)
+    phi = stored_features(scratch, "train", features, x, width, tile, budget, progress)
+    test_phi = None if test is None else stored_features(scratch, "test", features, test, width, tile, budget, progress)
+    return _Features(features, tile, phi, test_phi)
+
+
 def distill_support(
-    run: h5py.File,
-    model: nn.Module | ModelAdapter,
-    spec: KernelSpec,
+    run: store.H5File,
+    scratch: store.H5File,
+    loaded: Inputs,
+    kernel: KernelSpec,
     distill: DistillSpec,
-    train: Dataset,
-    train_logits: Tensor,
-    test: Tensor | Batch | None,
-    budget: Budget,
-    progress: Progress | None = None,
+    progress: Progress,
 ) -> dict:
     """Distil the training set into a support of m points; write /distill and /kernel/distilled (the support's
     kernel with the test set, m columns wide); return /distill's attrs.
 
     The features of every training point (N·K·d values, held in memory) give the per-class spectra, the selections,
-    the gradient-space support and kip's targets.
-    """
-    progress = progress or Silent()
-    began = time.perf_counter()
-    device, x = budget.device, train.inputs
-    if distill.method == "kip" and x.floating is None:
-        raise UsageError(f"kip learns floating inputs, and these are {_kinds(x)}: use --method select or gradient")
-    test = Batch.of(test) if test is not None else None
-    features = featurizer(model, spec, x[:SKETCH_PROBE].to(device), budget)
-    width = features.classes * spec.proj_dim
-    rows = len(x) + (len(test) if test is not None else 0)
-    if 3 * rows * width * features.dtype.itemsize > budget.bytes:
-        raise OutOfMemoryError(f"distilling needs the {rows}×{width} projected features in memory: lower --proj-dim")
-    tile = tile_size(len(x), features.work_bytes, features.pair_bytes, budget)
-    phi = _all_features(features, x, tile, device, progress, "train features")
-    n_classes = train_logits.shape[1]
-    classes = (train_logits.argmax(1) if distill.target == "model" else train.y).to(device)
+    the gradient-space support and kip's targets."""
+    began, train = time.perf_counter(), loaded.data["train"]
+    if distill.method == "kip" and train.inputs.floating is None:
+        kinds = _kinds(train.inputs)
+        raise UsageError(f"kip learns floating inputs, and these are {kinds}: use --method select or gradient")
+    found = _features(scratch, loaded, kernel, progress)
+    logits = torch.from_numpy(run[layout.data("train")]["nn_logits"][()])
+    device, n_classes = loaded.budget.device, logits.shape[1]
+    classes = (logits.argmax(1) if distill.target == "model" else train.y).to(device)
     sizes = support_sizes(distill, torch.bincount(classes, minlength=n_classes).tolist())
-    outputs = train_logits.to(device).softmax(1) - 1.0 / n_classes
-    support = build_support(
-        distill,
-        lambda z: features.featurize(z).dense.reshape(len(z), -1),
-        x,
-        phi,
-        classes,
-        outputs,
-        sizes,
-        progress,
-    )
+    outputs = logits.to(device).softmax(1) - 1.0 / n_classes
+
+    def feature_map(z: Tensor) -> Tensor:
+        return found.featurizer.featurize(z).dense.reshape(len(z), -1)
+
+    support = build_support(distill, feature_map, train.inputs, found.train, classes, outputs, sizes, progress, scratch)
+    attrs = _write_distill(run, support, found.train, classes, n_classes, distill, kernel, sizes)
+    attrs |= _write_distilled_kernel(run, found, support, kernel, loaded.budget, progress)
+    attrs.update(jacobians=len(found.train) + (0 if found.test is None else len(found.test)) + support.jacobians)
+    attrs.update(seconds=round(time.perf_counter() - began, 3), complete=True)
+    store.set_attrs(run[layout.DISTILL], attrs)
+    return attrs
+
+
+def _write_distill(
+    run: store.H5File,
+    support: Support,
+    phi: Tensor,
+    classes: Tensor,
+    n_classes: int,
+    distill: DistillSpec,
+    kernel: KernelSpec,
+    sizes: list[int],
+) -> dict:
+    """/distill: the support, its nearest real points and the per-class spectra; its attributes, so far."""
     full_rank, full_r = class_ranks(phi, classes, n_classes, RANK_EPS)
     support_rank, support_r = class_ranks(support.features, support.classes, n_classes, RANK_EPS)
     ranks = {
@@ -187,83 +265,93 @@ def distill_support(
         "r_eps_full": full_r,
         "r_eps_distilled": support_r,
     }
-    group = run.create_group("distill")
-    _write_support(group, support, nearest(support.features, phi, distill.neighbours), ranks)
+    _write_support(run.create_group(layout.DISTILL), support, nearest(support.features, phi, distill.neighbours), ranks)
     m = len(support.features)
-    attrs = {
+    return {
         "method": distill.method,
         "selection": distill.selection if distill.method != "gradient" else "",
-        "kernel": spec.name,
+        "kernel": kernel.name,
         "target": distill.target,
-        "n_train": len(x),
+        "n_train": len(phi),
         "m": m,
         "per_class": sizes,
-        "reduction": len(x) / m,
+        "reduction": len(phi) / m,
         "seed": distill.seed,
         "eps": list(RANK_EPS),
         "effective_rank_full": full_rank.tolist(),
         "effective_rank_distilled": support_rank.tolist(),
-        **(distill.options()["kip"] if distill.method == "kip" else {}),
+        **(asdict(distill.kip) if distill.method == "kip" else {}),
     }
-    kernel = run.create_group("kernel/distilled")
-    shape, dims = (features.classes, spec.proj_dim), ("output", "proj")
-    sets = [("train", support.features)]
-    if test is not None:
-        test_phi = _all_features(features, test, tile, device, progress, "test features")
-        unit_test = unit_rows(test_phi)
-        full = predictor_kernel(unit_test, unit_rows(phi))
+
+
+def _write_distilled_kernel(
+    run: store.H5File, found: _Features, support: Support, kernel: KernelSpec, budget: Budget, progress: Progress
+) -> dict:
+    """/kernel/distilled: the support's features and kernel with the test set, and the N×m kernel of every training
+    point with the support; the kernel alignments of the two predictors' test×test kernels (those of /distill)."""
+    group = run.create_group(layout.kernel(layout.DISTILLED))
+    shape, dims = (found.featurizer.classes, kernel.proj_dim), ("output", "proj")
+    sets, attrs = [("train", support.features)], {}
+    if found.test is not None:
+        unit_test = unit_rows(found.test)
+        full = predictor_kernel(unit_test, unit_rows(found.train))
         distilled = predictor_kernel(unit_test, unit_rows(support.features))
         attrs["kernel_alignment"] = kernel_alignment(full, distilled)
         attrs["kernel_alignment_centred"] = kernel_alignment(centred(full), centred(distilled))
-        sets.append(("test", test_phi))
+        sets.append(("test", found.test))
     datasets = [
-        store.write_array(kernel, f"features/{split}", values.reshape(-1, *shape).cpu().numpy(), (split, *dims))
+        store.write_array(group, layout.features(split), values.reshape(-1, *shape).cpu().numpy(), (split, *dims))
         for split, values in sets
     ]
-    feature_kernel(kernel, "trace", datasets, 1, tile, True, budget, progress, features.dtype)
-    store.write_array(kernel, "full_train", (phi @ support.features.T).cpu().numpy(), ("full", "train"))
-    store.write_array(kernel, "diag_full", phi.square().sum(1).cpu().numpy(), ("full",))
-    store.set_attrs(kernel, {**kernel_attrs(spec, features, tile), "support": "distill"})
-    jacobians = rows + support.jacobians
-    attrs.update(jacobians=jacobians, seconds=round(time.perf_counter() - began, 3), complete=True)
-    store.set_attrs(group, attrs)
+    feature_kernel(group, "trace", datasets, 1, found.tile, True, budget, progress, found.featurizer.dtype)
+    store.write_array(group, "full_train", (found.train @ support.features.T).cpu().numpy(), ("full", "train"))
+    store.write_array(group, "diag_full", found.train.square().sum(1).cpu().numpy(), ("full",))
+    store.set_attrs(group, {**kernel_attrs(kernel, found.featurizer, found.tile), "support": layout.DISTILL})
     return attrs
 
 
 @contextmanager
-def distill_target(out: Path, inputs: Inputs, overwrite: bool) -> Iterator[h5py.File]:
-    """A new run file, or an existing one of the same data, whose /distill is replaced only with --overwrite."""
+def distill_target(out: Path, loaded: Inputs, overwrite: bool, request: dict, resume: bool) -> Iterator[store.H5File]:
+    """A new run file, or an existing one of the same model and data, whose /distill is replaced only with
+    --overwrite; either resumable after an interrupt (the groups an interrupted run left are written again)."""
     store.check_target(out, overwrite=True)
     if not out.exists():
-        with store.create_run(out, overwrite=False, attrs=inputs.attrs) as run:
-            for split, dataset in inputs.data.items():
-                write_data(run, split, dataset, network_logits(inputs.net, dataset.inputs, inputs.budget))
+        with store.create_run(out, overwrite=False, attrs=loaded.attrs, resumable=True, resume=resume) as run:
+            for split, dataset in loaded.data.items():
+                write_data(run, split, dataset, network_logits(loaded.net, dataset.inputs, loaded.budget))
+            _clear(run, out, overwrite=True)
             yield run
         return
-    with store.update_run(out) as (run, _):
+    with store.update_run(out, request=request, resume=resume) as (run, resumed):
         for key in ("model_sha256", "weights_sha256"):
-            if run.attrs.get(key) != inputs.attrs[key]:
+            if run.attrs.get(key) != loaded.attrs[key]:
                 raise BadInputError(f"{out} was made with another model or weights; distil into a new --out")
-        for split, dataset in inputs.data.items():
-            if run.get(f"data/{split}") is None or run[f"data/{split}"].attrs.get("sha256") != dataset.sha256:
+        for split, dataset in loaded.data.items():
+            group = run.get(layout.data(split))
+            if group is None or group.attrs.get("sha256") != dataset.sha256:
                 raise BadInputError(f"{out} holds other {split} data; distil into a new --out")
-        for name in ("distill", "kernel/distilled"):
-            if name in run and not overwrite:
-                raise BadInputError(f"{out} already has /{name}; pass --overwrite to replace it")
-            if name in run:
-                del run[name]
+        _clear(run, out, overwrite=overwrite or resumed)
         yield run
+
+
+def _clear(run: store.H5File, out: Path, overwrite: bool) -> None:
+    """Remove /distill and /kernel/distilled (only with overwrite)."""
+    for name in (layout.DISTILL, layout.kernel(layout.DISTILLED)):
+        if name in run and not overwrite:
+            raise BadInputError(f"{out} already has /{name}; pass --overwrite to replace it")
+        if name in run:
+            del run[name]
 
 
 def export_support(run: Path, path: Path) -> None:
     """The support as safetensors: inputs (kip, select), features, labels, classes and source rows."""
     with store.open_run(run) as f:
-        group = f["distill"]
+        group = f[layout.DISTILL]
         tensors = {
             key: torch.from_numpy(group[key][()]) for key in ("inputs", "labels", "classes", "source") if key in group
         }
-        tensors["features"] = torch.from_numpy(f["kernel/distilled/features/train"][()])
-    partial = path.with_name(f".{path.name}.partial")
+        tensors["features"] = torch.from_numpy(f[layout.kernel(layout.DISTILLED)][layout.features("train")][()])
+    partial = store.partial_path(path)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
         partial.replace(path)

@@ -22,13 +22,6 @@ def from_environment() -> Shard:
     return Shard(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def local_device(device: torch.device, shard: Shard) -> torch.device:
-    """CUDA device LOCAL_RANK for a rank of a multi-process CUDA run; `device` otherwise."""
-    if shard.world > 1 and device.type == "cuda" and device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
-
-
 def start(shard: Shard, device: torch.device) -> None:
     """Join the process group (NCCL on CUDA, gloo on CPU) when there is more than one rank."""
     if shard.world > 1 and not dist.is_initialized():

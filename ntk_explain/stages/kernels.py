@@ -1,14 +1,17 @@
 """The kernel stage: data → tangent features → kernel blocks → the run file's /kernel/<name>, tile by tile under the
-memory budget, every tile checkpointed."""
+memory budget, every tile checkpointed.
+
+Two sizes are at work: the **tile**, the rows of a Gram block and of a checkpoint (from the memory budget), and the
+**batch** of one forward and backward pass (`--batch-size`; auto: the tile), in which a tile's features are computed.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
-import h5py
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -18,34 +21,31 @@ from ntk_explain.errors import BadInputError
 from ntk_explain.features.featurizer import SKETCH_PROBE, Featurizer, featurizer
 from ntk_explain.kernel.factors import Factors
 from ntk_explain.kernel.grams import contraction
-from ntk_explain.kernel.tiles import Tiles, kernel_blocks, self_kernel
+from ntk_explain.kernel.tiles import Tiles, self_block, stripe
 from ntk_explain.loading.adapter import Batch, ModelAdapter, as_adapter
 from ntk_explain.loading.data import Dataset
 from ntk_explain.options import Budget, KernelSpec
 from ntk_explain.stages import distributed
-from ntk_explain.stages.distributed import Shard
 from ntk_explain.stages.progress import Progress, Silent
+from ntk_explain.stages.rows import resumable_tiles
+from ntk_explain.store import layout
 
 MAX_TILE = 4096  # default cap on rows per tile, so that progress is reported often enough
-
-
 TILE_ALIGN = 64
-
-
 _CLASS_DIMS = {"trace": (), "diagonal": ("class",), "full": ("class", "class")}
 
 
 def network_logits(model: nn.Module | ModelAdapter, x: Tensor | Batch, budget: Budget) -> Tensor:
-    """f_θ(x) (N, C) in eval mode, in batches, on CPU."""
+    """f_θ(x) (N, C) in eval mode, in batches of `budget.batch_size` (default 1024), on CPU."""
     adapter, inputs = as_adapter(model), Batch.of(x)
     batch = budget.batch_size or 1024
     with torch.no_grad():
         rows = range(0, len(inputs), batch)
         logits = torch.cat([adapter(inputs[s : s + batch].to(budget.device)).cpu() for s in rows])
-    return _finite(logits, "the network's outputs")
+    return finite(logits, "the network's outputs")
 
 
-def _finite(values: Tensor, what: str) -> Tensor:
+def finite(values: Tensor, what: str) -> Tensor:
     """`values`, unless some are NaN or infinite: finite inputs and weights whose products overflow the dtype."""
     if not torch.isfinite(values).all():
         dtype = str(values.dtype).removeprefix("torch.")
@@ -54,10 +54,10 @@ def _finite(values: Tensor, what: str) -> Tensor:
     return values
 
 
-def write_data(run: h5py.File, split: str, data: Dataset, logits: Tensor) -> None:
+def write_data(run: store.H5File, split: str, data: Dataset, logits: Tensor) -> None:
     """/data/<split>/: labels, index into the source file, network logits (kept when an interrupted run of the same
     data wrote them all: its `sha256` attribute is written last)."""
-    name = f"data/{split}"
+    name = layout.data(split)
     if name in run and "sha256" in run[name].attrs:
         return
     if name in run:
@@ -70,13 +70,27 @@ def write_data(run: h5py.File, split: str, data: Dataset, logits: Tensor) -> Non
     store.mark(group, "sha256", data.sha256)
 
 
-def tile_size(n: int, per_sample: int, per_pair: int, budget: Budget) -> int:
-    """Rows per tile: featurising a tile takes ≤ 1/2 the budget, a Gram block ≤ 1/4; `MAX_TILE` by default. A tile
-    from the budget is rounded down to a multiple of `TILE_ALIGN` (chunks of the run file divide it)."""
-    by_features = budget.bytes // (2 * max(1, per_sample))
-    by_blocks = math.isqrt(budget.bytes // (4 * max(1, per_pair)))
-    tile = max(1, min(n, budget.batch_size or MAX_TILE, by_features, by_blocks))
-    return tile - tile % TILE_ALIGN if TILE_ALIGN < tile < n and budget.batch_size is None else tile
+def tile_size(n: int, features: Featurizer, budget: Budget) -> int:
+    """Rows per tile: a Gram block takes ≤ 1/4 of the budget; featurising takes ≤ 1/2, for a whole tile in auto mode,
+    else for one batch of `budget.batch_size` passes and the tile's kept features; `MAX_TILE` at most. Rounded down
+    to a multiple of `TILE_ALIGN` (chunks of the run file divide it). `budget.tile` overrides it."""
+    if budget.tile is not None:
+        return min(n, budget.tile)
+    if budget.batch_size is None:
+        by_features = budget.bytes // (2 * max(1, features.work_bytes))
+    else:
+        left = budget.bytes // 2 - budget.batch_size * features.work_bytes
+        by_features = max(1, left // max(1, features.kept_bytes))
+    by_blocks = math.isqrt(budget.bytes // (4 * max(1, features.pair_bytes)))
+    tile = max(1, min(n, MAX_TILE, by_features, by_blocks))
+    return tile - tile % TILE_ALIGN if TILE_ALIGN < tile < n else tile
+
+
+def in_batches(features: Featurizer, x: Batch, batch: int | None, device: torch.device) -> Factors:
+    """The features of the rows x, computed in passes of `batch` rows (all at once when None) and joined."""
+    if batch is None or batch >= len(x):
+        return features.featurize(x.to(device))
+    return Factors.joined([features.featurize(x[s : s + batch].to(device)) for s in range(0, len(x), batch)])
 
 
 def chunk_tile(tile: int, *sizes: int) -> int | None:
@@ -84,81 +98,50 @@ def chunk_tile(tile: int, *sizes: int) -> int | None:
     return tile if tile < max(sizes) else None
 
 
-def _write_kernel(
-    group: h5py.Group,
-    how: str,
-    train: Tiles,
-    test: Tiles | None,
-    classes: int,
-    dtype: np.dtype,
-    progress: Progress,
-    shard: Shard,
-) -> None:
-    """diag_train, train_train, then diag_test, test_train: written a row tile (a stripe of blocks) at a time, each
-    checkpointed; only the `shard`'s row tiles, and none that an interrupted run checkpointed."""
-    extra = _CLASS_DIMS[how]
-    shape = (classes,) * len(extra)
-    sets = [("train", train, None)] + ([("test", test, train)] if test is not None else [])
-    for split, rows, cols in sets:
-        ncols = (cols or rows).n
-        tiling = chunk_tile(rows.tile, rows.n, ncols)
-        diag = rows_dataset(group, f"diag_{split}", (rows.n, *shape), dtype, (split, *extra), tiling, 1)
-        gram = rows_dataset(
-            group, f"{split}_train", (rows.n, ncols, *shape), dtype, (split, "train", *extra), tiling, 2
-        )
-        blocks = len(rows.bounds) * len((cols or rows).bounds)
-        progress.start(f"{group.name} {split}×train", blocks + len(rows.bounds))
-        done = store.tiles_done(diag)
-        for where, values in self_kernel(rows, how, lambda i, done=done: i >= done and shard.owns(i)):
-            diag[where] = _finite(values, f"kernel values {group.name}/diag_{split}").cpu().numpy()
-            store.checkpoint(diag, where.start // rows.tile + 1)
-            progress.advance()
-        done, stripe = store.tiles_done(gram), None  # stripe: the row tile whose blocks are being written
-        for r, c, block in kernel_blocks(rows, cols, how, lambda i, done=done: i >= done and shard.owns(i)):
-            mirrored = cols is None and c.start < r.start
-            if stripe is not None and stripe != (c if mirrored else r):
-                store.checkpoint(gram, stripe.start // rows.tile + 1)
-            stripe = c if mirrored else r
-            gram[r, c] = _finite(block, f"kernel values {group.name}/{split}_train").cpu().numpy()
-            progress.advance(0 if mirrored else 1)
-        if stripe is not None:
-            store.checkpoint(gram, stripe.start // rows.tile + 1)
-
-
 def rows_dataset(
-    group: h5py.Group, name: str, shape: tuple, dtype: np.dtype, dims: tuple, tile: int | None, tiled_axes: int
-) -> h5py.Dataset:
+    group: store.H5Group, name: str, shape: tuple, dtype: np.dtype, dims: tuple, tile: int | None, tiled_axes: int
+) -> store.H5Dataset:
     """The dataset `name` of `group` as an interrupted run left it, or a new empty one with tile-aligned chunks."""
     if name in group:
         return group[name]
     return store.create_rows(group, name, shape, dtype, dims, tile, tiled_axes)
 
 
-def _np(dtype: torch.dtype) -> np.dtype:
-    return torch.empty((), dtype=dtype).numpy().dtype
+def _write_kernel(
+    group: store.H5Group,
+    how: str,
+    sets: list[Tiles],
+    classes: int,
+    dtype: torch.dtype,
+    budget: Budget,
+    progress: Progress,
+) -> None:
+    """diag_train, train_train, then diag_test, test_train: written a row tile (a stripe of blocks) at a time, each
+    checkpointed; only the shard's row tiles, and none that an interrupted run checkpointed."""
+    extra = _CLASS_DIMS[how]
+    shape, stored, owned = (classes,) * len(extra), torch.empty((), dtype=dtype).numpy().dtype, budget.shard.owns
+    for split, rows, cols in zip(layout.SPLITS, sets, [None, sets[0]], strict=False):
+        ncols, tiled = (cols or rows).n, chunk_tile(rows.tile, rows.n, (cols or rows).n)
+        diag_name, block_name = layout.diag(split), layout.block(split)
+        diag = rows_dataset(group, diag_name, (rows.n, *shape), stored, (split, *extra), tiled, 1)
+        gram = rows_dataset(group, block_name, (rows.n, ncols, *shape), stored, (split, "train", *extra), tiled, 2)
+        where_diag, where_gram = f"{group.name}/{diag_name}", f"{group.name}/{block_name}"
+        for index, rows_written in resumable_tiles(diag, rows.n, rows.tile, progress, where_diag, owned=owned):
+            diag[rows_written] = finite(self_block(rows, how, index), f"kernel values {where_diag}").cpu().numpy()
+        for index, _ in resumable_tiles(gram, rows.n, rows.tile, progress, f"{group.name} {split}×train", owned=owned):
+            for r, c, block in stripe(rows, cols, how, index):
+                gram[r, c] = finite(block, f"kernel values {where_gram}").cpu().numpy()
 
 
-def _stored(dataset: h5py.Dataset, device: torch.device, dtype: torch.dtype) -> Callable[[int, int], Factors]:
+def _stored(dataset: store.H5Dataset, device: torch.device, dtype: torch.dtype) -> Callable[[int, int], Factors]:
     """Rows [start, stop) of stored features (n, K, d) in the compute dtype, as dense Factors."""
     return lambda start, stop: Factors(
         store.read_features(dataset, slice(start, stop)).to(device=device, dtype=dtype), (), ()
     )
 
 
-def feature_tiles(
-    features: Featurizer, x: Batch, tile: int, device: torch.device, progress: Progress, description: str
-) -> Iterator[tuple[slice, Tensor]]:
-    """(rows, projected features R g_k (rows, K, d)) of x, tile by tile, with progress."""
-    progress.start(description, len(x))
-    for start in range(0, len(x), tile):
-        stop = min(len(x), start + tile)
-        with torch.no_grad():
-            yield slice(start, stop), features.featurize(x[start:stop].to(device)).dense
-        progress.advance(stop - start)
-
-
 def _store_features(
-    group: h5py.Group,
+    group: store.H5Group,
     features: Featurizer,
     sets: list[Batch],
     dim: int,
@@ -166,38 +149,33 @@ def _store_features(
     budget: Budget,
     progress: Progress,
     dtype: torch.dtype,
-) -> list[h5py.Dataset]:
+) -> list[store.H5Dataset]:
     """Projected features R g_k of every set, tile by tile, into features/<split> (n, K, d) stored as `dtype`, each
     tile checkpointed. Each tile is computed by the rank that owns it and broadcast to all: every shard holds all
     features. Tiles that an interrupted run checkpointed (on every rank) are not computed again."""
     datasets, shard = [], budget.shard
-    for split, x in zip(("train", "test"), sets, strict=False):
-        name, shape = f"features/{split}", (len(x), features.classes, dim)
+    for split, x in zip(layout.SPLITS, sets, strict=False):
+        name, shape = layout.features(split), (len(x), features.classes, dim)
         if name not in group:
             store.features_dataset(group, name, shape, dtype, (split, "output", "proj"), chunk_tile(tile, len(x)))
         dataset = group[name]
         done = distributed.smallest(store.tiles_done(dataset), shard, budget.device)
-        progress.start(f"{group.name} features {split}", len(x))
-        for index, start in enumerate(range(0, len(x), tile)):
-            rows = slice(start, min(len(x), start + tile))
-            if index >= done:
-                with torch.no_grad():
-                    values = (
-                        features.featurize(x[rows].to(budget.device)).dense
-                        if shard.owns(index)
-                        else torch.empty((rows.stop - start, *shape[1:]), dtype=features.dtype, device=budget.device)
-                    )
-                dataset[rows] = store.encode_features(distributed.broadcast(values, shard.owner(index), shard), dataset)
-                store.checkpoint(dataset, index + 1)
-            progress.advance(rows.stop - start)
+        for index, rows in resumable_tiles(dataset, len(x), tile, progress, f"{group.name} {name}", done=done):
+            with torch.no_grad():
+                values = (
+                    in_batches(features, x[rows], budget.batch_size, budget.device).dense
+                    if shard.owns(index)
+                    else torch.empty((rows.stop - rows.start, *shape[1:]), dtype=features.dtype, device=budget.device)
+                )
+            dataset[rows] = store.encode_features(distributed.broadcast(values, shard.owner(index), shard), dataset)
         datasets.append(dataset)
     return datasets
 
 
 def feature_kernel(
-    group: h5py.Group,
+    group: store.H5Group,
     how: str,
-    datasets: list[h5py.Dataset],
+    datasets: list[store.H5Dataset],
     classes: int,
     tile: int,
     keep: bool,
@@ -208,11 +186,11 @@ def feature_kernel(
     """The kernel blocks and diagonals of stored features features/{train,test} (n, K, d), computed and stored in
     the compute `dtype` whatever the features' storage type."""
     tiles = [Tiles(_stored(ds, budget.device, dtype), ds.shape[0], tile, keep) for ds in datasets]
-    test = tiles[1] if len(tiles) > 1 else None
-    _write_kernel(group, how, tiles[0], test, classes, _np(dtype), progress, budget.shard)
+    _write_kernel(group, how, tiles, classes, dtype, budget, progress)
 
 
 def kernel_attrs(spec: KernelSpec, features: Featurizer, tile: int) -> dict:
+    """A kernel group's attributes: what was computed, how (the featurizer's), in which tiles."""
     return {
         "kernel": spec.kernel,
         "projection": spec.projection if spec.projected else "none",
@@ -221,13 +199,14 @@ def kernel_attrs(spec: KernelSpec, features: Featurizer, tile: int) -> dict:
         "params": json.dumps(spec.params or ["*"]),
         **features.attrs,
         "tile": tile,
+        "dims": ["rows", "train", *_CLASS_DIMS[contraction(spec.kernel)]],
         **({"feature_dtype": spec.feature_dtype} if spec.projected and spec.feature_dtype else {}),
         "complete": True,
     }
 
 
 def compute_kernel(
-    run: h5py.File,
+    run: store.H5File,
     model: nn.Module | ModelAdapter,
     spec: KernelSpec,
     train: Tensor | Batch,
@@ -240,33 +219,34 @@ def compute_kernel(
     A group that an interrupted run left in `run` is continued in its own tiles from its checkpoints (a complete one
     is kept as it is), so the numbers are those of an uninterrupted run. Without a batch size (`budget.batch_size`
     None: auto) the tile comes from the memory budget, and running out of memory (CPU or CUDA) starts the kernel
-    again with half the tile, down to one row; `oom_retries` counts the restarts. With an explicit batch size, or
-    several ranks (`budget.shard`), the error propagates.
+    again with half the tile (and batch), down to one row; `oom_retries` counts the restarts. With an explicit batch
+    size or tile, or several ranks (`budget.shard`), the error propagates.
     """
-    done = run.get(f"kernel/{spec.name}")
+    name = layout.kernel(spec.name)
+    done = run.get(name)
     complete = done is not None and bool(done.attrs.get("complete"))
     if distributed.smallest(int(complete), budget.shard, budget.device):  # complete on every rank
         return store.attrs_dict(done)
-    auto, retries = budget.batch_size is None and budget.shard.world == 1, 0
+    auto, retries = budget.batch_size is None and budget.tile is None and budget.shard.world == 1, 0
     while True:
         try:
             attrs = _compute_kernel(run, model, spec, train, test, budget, progress or Silent())
         except (torch.OutOfMemoryError, MemoryError):
-            group = run.get(f"kernel/{spec.name}")
-            tile = int(group.attrs["tile"]) if group is not None and "tile" in group.attrs else 0
-            if not auto or tile <= 1:
+            group = run.get(name)
+            failed = int(group.attrs["tile"]) if group is not None and "tile" in group.attrs else 0
+            if not auto or failed <= 1:
                 raise
-            del run[f"kernel/{spec.name}"]
+            del run[name]
             if budget.device.type == "cuda":
                 torch.cuda.empty_cache()
-            budget, retries = replace(budget, batch_size=tile // 2), retries + 1
+            budget, retries = replace(budget, tile=failed // 2), retries + 1
             continue
-        store.set_attrs(run[f"kernel/{spec.name}"], {"oom_retries": retries})
+        store.set_attrs(run[name], {"oom_retries": retries})
         return {**attrs, "oom_retries": retries}
 
 
 def _compute_kernel(
-    run: h5py.File,
+    run: store.H5File,
     model: nn.Module | ModelAdapter,
     spec: KernelSpec,
     train: Tensor | Batch,
@@ -274,12 +254,12 @@ def _compute_kernel(
     budget: Budget,
     progress: Progress,
 ) -> dict:
-    group = run.require_group(f"kernel/{spec.name}")
+    """`compute_kernel` in the tiles that an interrupted run recorded, or from the budget."""
+    group = run.require_group(layout.kernel(spec.name))
     sets = [Batch.of(train)] + ([Batch.of(test)] if test is not None else [])
     features = featurizer(model, spec, sets[0][:SKETCH_PROBE].to(budget.device), budget)
     if "tile" not in group.attrs:  # the ranks agree on one tile
-        tile = tile_size(len(sets[0]), features.work_bytes, features.pair_bytes, budget)
-        tile = distributed.smallest(tile, budget.shard, budget.device)
+        tile = distributed.smallest(tile_size(len(sets[0]), features, budget), budget.shard, budget.device)
         store.set_attrs(group, {"tile": tile, "complete": False})
         run.flush()
     tile = int(group.attrs["tile"])
@@ -290,11 +270,9 @@ def _compute_kernel(
         datasets = _store_features(group, features, sets, spec.proj_dim, tile, budget, progress, stored)
         feature_kernel(group, how, datasets, features.classes, tile, keep, budget, progress, features.dtype)
     else:
-        tiles = [
-            Tiles(lambda s, e, x=x: features.featurize(x[s:e].to(budget.device)), len(x), tile, keep) for x in sets
-        ]
-        test_tiles = tiles[1] if len(tiles) > 1 else None
-        _write_kernel(group, how, tiles[0], test_tiles, features.classes, _np(features.dtype), progress, budget.shard)
+        batch, device = budget.batch_size, budget.device
+        tiles = [Tiles(lambda s, e, x=x: in_batches(features, x[s:e], batch, device), len(x), tile, keep) for x in sets]
+        _write_kernel(group, how, tiles, features.classes, features.dtype, budget, progress)
     attrs = kernel_attrs(spec, features, tile)
     store.set_attrs(group, attrs)
     return attrs

@@ -1,6 +1,8 @@
 """The HDF5 run file: its layout, life (atomic writes, locks, resume), datasets and readers. Only this package opens
 HDF5 files; the stages work on the groups and datasets it hands them, at the paths of `layout`."""
 
+import h5py
+
 from ntk_explain.store.arrays import (
     checkpoint,
     create_rows,
@@ -18,15 +20,22 @@ from ntk_explain.store.files import (
     open_run,
     partial_params,
     partial_path,
+    scratch,
+    scratch_path,
     update_run,
 )
 from ntk_explain.store.read import faithfulness, group_attrs, read_kernel, root_attrs, summarize
 from ntk_explain.store.shards import SHARDED, join_shards, shard_path
 
+H5File, H5Group, H5Dataset = h5py.File, h5py.Group, h5py.Dataset  # the types the stages are handed
+
 __all__ = [
     "FORMAT_VERSION",
     "RESUME_KEYS",
     "SHARDED",
+    "H5Dataset",
+    "H5File",
+    "H5Group",
     "attrs_dict",
     "check_target",
     "checkpoint",
@@ -45,6 +54,8 @@ __all__ = [
     "read_features",
     "read_kernel",
     "root_attrs",
+    "scratch",
+    "scratch_path",
     "set_attrs",
     "shard_path",
     "summarize",

@@ -293,3 +293,33 @@ def _resumed_update(tmp: Path, update: str) -> h5py.File:
             "--resume"
         )
     return open_hdf5(tmp, "r+")
+
+
+def scratch_path(path: str | os.PathLike) -> Path:
+    """The side file of a stage's intermediate state for the run file `path`: `.<name>.scratch` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.scratch")
+
+
+@contextmanager
+def scratch(path: str | os.PathLike, request: Mapping[str, Any], *, resume: bool) -> Iterator[h5py.File]:
+    """A side file (`scratch_path`) for the intermediate state of a stage writing `path`, made anew, or with `resume`
+    reopened when an interrupted run of the same `request` kept it (another request is refused, the file unchanged).
+    It is deleted once the stage is done or fails, and kept after an interrupt (KeyboardInterrupt) or a kill."""
+    tmp, text = scratch_path(path), json.dumps(request, sort_keys=True, default=str)
+    if resume and tmp.exists():
+        f = open_hdf5(tmp, "r+")
+        if py_value(f.attrs.get("request", "")) != text:
+            f.close()
+            raise BadInputError(f"cannot resume: {tmp} holds the work of other options; run again without --resume")
+    else:
+        tmp.unlink(missing_ok=True)
+        f = h5py.File(tmp, "w", rdcc_nbytes=CACHE_BYTES)
+        f.attrs["request"] = text
+    try:
+        yield f
+    except BaseException as error:
+        _failed(tmp, f, keep=isinstance(error, KeyboardInterrupt))
+        raise
+    f.close()
+    tmp.unlink()
