@@ -1,4 +1,4 @@
-"""Expected failures, each carrying the exit code of SPEC §7."""
+"""Expected failures, each carrying its exit code: 1 unexpected, 2 usage, 3 bad input, 4 out of memory."""
 
 
 class NtkExplainError(Exception):

@@ -43,6 +43,10 @@ What is measured
    convs (vmap) against plain ones (formed). Reported: samples/s, the path, the generic parameters and the time of a
    fresh plan's self-check in a warm process.
 
+9. The two batch sizes: the exact float64 trace kernel of a 6k-parameter BatchNorm CNN on 800 train and 100 test
+   random 12×12 images with `--batch-size 4` against auto (samples per forward/backward pass; the Gram tile comes
+   from the memory budget in both), in one run.
+
 How
 ---
 Every measurement runs in a fresh subprocess (`bench.py --worker NAME ...`) that prints its
@@ -114,7 +118,7 @@ def rss_now_mb() -> float:
 
 
 def resolve(spec: str) -> torch.device:
-    from ntk_explain.resources import resolve_device
+    from ntk_explain import resolve_device
 
     return resolve_device(spec)
 
@@ -154,10 +158,10 @@ def make_model(name: str) -> nn.Module:
 
     if name == "mlp":
         return make_mlp()
-    from ntk_explain.loading.zoo import make_cnn
+    from ntk_explain import zoo
 
     torch.manual_seed(0)
-    return make_cnn().eval()
+    return zoo.make_cnn().eval()
 
 
 def inputs(model: str, n: int) -> Tensor:
@@ -173,12 +177,10 @@ def ours_trace(
 ) -> None:
     """The train × train kernel through `compute_kernel`, written to `path`: the exact trace kernel, or with a
     `projection` the projected pseudo kernel at d = PROJ_DIM."""
-    from ntk_explain import store
-    from ntk_explain.options import Budget, KernelSpec
-    from ntk_explain.stages.kernels import compute_kernel
+    from ntk_explain import Budget, KernelSpec, compute_kernel, create_run
 
     spec = KernelSpec("trace") if projection == "none" else KernelSpec("pseudo", projection, PROJ_DIM)
-    with store.create_run(path, overwrite=True, attrs={}) as run:
+    with create_run(path, overwrite=True, attrs={}) as run:
         compute_kernel(run, model, spec, x, None, Budget(device, budget, None))
 
 
@@ -199,8 +201,7 @@ def naive_trace(model: nn.Module, x: Tensor) -> Tensor:
 def project_all(model: nn.Module, x: Tensor, kind: str, dim: int, tile: int) -> None:
     """Projected pseudo-kernel features of every tile of x (computed and dropped) by the library's featurizer (a
     sketch's layout from the first 64 rows), under a budget that gives dense projections blocks of 2²⁷ bytes."""
-    from ntk_explain.features.featurizer import SKETCH_PROBE, featurizer
-    from ntk_explain.options import Budget, KernelSpec
+    from ntk_explain import SKETCH_PROBE, Budget, KernelSpec, featurizer
 
     features = featurizer(model, KernelSpec("pseudo", kind, dim), x[:SKETCH_PROBE], Budget(x.device, 8 * BLOCK_BYTES))
     for start in range(0, len(x), tile):
@@ -240,12 +241,16 @@ def quality_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
     import numpy as np
     import torch
 
-    from ntk_explain.features.featurizer import SKETCH_PROBE, featurizer
-    from ntk_explain.features.planning import plan_tangents
-    from ntk_explain.features.tangents import tangent_factors
-    from ntk_explain.kernel.grams import gram
-    from ntk_explain.kernel.normalize import cosine_normalize
-    from ntk_explain.options import Budget, KernelSpec
+    from ntk_explain import (
+        SKETCH_PROBE,
+        Budget,
+        KernelSpec,
+        cosine_normalize,
+        featurizer,
+        gram,
+        plan_tangents,
+        tangent_factors,
+    )
 
     model = make_model(args.model).to(device)
     x = inputs(args.model, args.n).to(device)
@@ -316,8 +321,7 @@ def generic_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
     a warm process (probe rows the warm-up did not use)."""
     from generic_models import generic_inputs, make_generic_model
 
-    from ntk_explain.features.featurizer import featurizer
-    from ntk_explain.options import Budget, KernelSpec
+    from ntk_explain import Budget, KernelSpec, featurizer
 
     model = make_generic_model(args.model).to(device)
     x = generic_inputs(args.model, args.n + 2).to(device)
@@ -351,6 +355,43 @@ def generic_worker(args: argparse.Namespace, device: torch.device) -> dict[str, 
     }
 
 
+def batches_worker(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Workload 9: the exact float64 trace kernel of the 6k-parameter BatchNorm CNN on N train and N/8 test random
+    12×12 images, train × train and test × train, through `compute_kernel` into a run file, with `--batch-size`
+    (samples per forward/backward pass; 0: auto) under the default 2 GiB budget."""
+    import torch
+    from generic_models import batchnorm_cnn
+
+    from ntk_explain import Budget, KernelSpec, compute_kernel, create_run
+
+    model = batchnorm_cnn().to(device)
+    generator = torch.Generator().manual_seed(1)
+    train, test = (torch.randn(n, 1, 12, 12, generator=generator, dtype=torch.float64) for n in (args.n, args.n // 8))
+    budget = Budget(device, args.budget, args.batch or None)
+    base, tmp = rss_now_mb(), Path(args.tmp)
+
+    def run(path: Path, x: Tensor, y: Tensor) -> dict:
+        with create_run(path, overwrite=True, attrs={}) as f:
+            return compute_kernel(f, model, KernelSpec("trace"), x.to(device), y.to(device), budget)
+
+    run(tmp / "warmup.h5", train[:16], test[:4])
+    paths = iter(tmp / f"batches-{i}.h5" for i in range(args.repeats))
+    attrs: list[dict] = []
+    times = timed(lambda: attrs.append(run(next(paths), train, test)), device, args.repeats)
+    return {
+        "worker": "batches",
+        "device": str(device),
+        "n": args.n,
+        "batch": args.batch or "auto",
+        "tile": int(attrs[-1]["tile"]),
+        "times_s": times,
+        "best_s": min(times),
+        "base_rss_mb": base,
+        "peak_rss_mb": peak_rss_mb(),
+        "cuda_peak_mb": torch_cuda_peak(device),
+    }
+
+
 def torch_cuda_peak(device: torch.device) -> float | None:
     import torch
 
@@ -363,7 +404,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from ntk_explain.resources import retain_freed_memory
+    from ntk_explain import retain_freed_memory
 
     retain_freed_memory()
     device = resolve(args.device)
@@ -373,10 +414,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         return quality_worker(args, device)
     if args.worker == "generic":
         return generic_worker(args, device)
+    if args.worker == "batches":
+        return batches_worker(args, device)
     if args.worker == "weights":
         from safetensors.torch import save_file
 
-        from ntk_explain.loading import zoo
+        from ntk_explain import zoo
 
         x, y, _ = zoo.digits("train")
         torch.manual_seed(0)
@@ -446,24 +489,25 @@ def synthetic_run(path: Path, m: int, n: int, dim: int, classes: int) -> None:
     import numpy as np
 
     from ntk_explain import store
+    from ntk_explain.store import layout
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(classes, dim))
     attrs = store.provenance(["bench.py"], {"synthetic": True}, "cpu", 0, "synthetic", None, "synthetic")
     with store.create_run(path, overwrite=True, attrs=attrs) as run:
-        kernel = run.create_group(f"kernel/pseudo-gaussian-{dim}")
+        kernel = run.create_group(layout.kernel(f"pseudo-gaussian-{dim}"))
         features = {}
         for split, count in (("train", n), ("test", m)):
             labels = rng.integers(0, classes, count)
             phi = (centres[labels] + 3.0 * rng.normal(size=(count, dim))).astype(np.float32)
             features[split] = phi
-            group = run.create_group(f"data/{split}")
+            group = run.create_group(layout.data(split))
             store.write_array(group, "labels", labels, (split,))
             store.write_array(group, "index", np.arange(count), (split,))
             store.write_array(group, "nn_logits", (phi @ centres.T / np.sqrt(dim)).astype(np.float32), (split, "class"))
-            store.write_array(kernel, f"diag_{split}", (phi.astype(np.float64) ** 2).sum(1), (split,))
-        store.write_array(kernel, "features/train", features["train"][:, None, :], ("train", "output", "proj"))
-        test_train = store.create_rows(kernel, "test_train", (m, n), np.float32, ("test", "train"))
+            store.write_array(kernel, layout.diag(split), (phi.astype(np.float64) ** 2).sum(1), (split,))
+        store.write_array(kernel, layout.features("train"), features["train"][:, None, :], ("train", "output", "proj"))
+        test_train = store.create_rows(kernel, layout.block("test"), (m, n), np.float32, ("test", "train"))
         for start in range(0, m, 1000):
             test_train[start : start + 1000] = features["test"][start : start + 1000] @ features["train"].T
         store.set_attrs(kernel, {"kernel": "pseudo", "projection": "gaussian", "proj_dim": dim, "complete": True})
@@ -479,10 +523,9 @@ def attribute_worker(args: argparse.Namespace, device: torch.device) -> dict[str
     if args.worker == "synthetic":
         synthetic_run(path, args.m, args.n, ATTRIBUTE_DIM, ATTRIBUTE_CLASSES)
     else:
-        from ntk_explain.options import AttributeSpec, Budget
-        from ntk_explain.stages.attribute import attribute_run
+        from ntk_explain import AttributeSpec, Resources, attribute
 
-        summary = attribute_run(str(path), AttributeSpec(), Budget(device, args.budget))
+        summary = attribute(path, AttributeSpec(), Resources(str(device), str(args.budget)))
         extra = {key: summary["faithfulness"][key] for key in ("agreement", "kendall_tau")}
     elapsed = time.perf_counter() - start
     return {
@@ -798,6 +841,31 @@ def workload_generic(args: argparse.Namespace, tmp: str, n: int, repeats: int) -
     return rows, raw
 
 
+def workload_batches(args: argparse.Namespace, tmp: str, n: int, repeats: int) -> tuple[list[Row], dict]:
+    """9: `--batch-size 4` against auto on the float64 exact trace kernel of a 6k-parameter BatchNorm CNN: the batch
+    is the samples of one forward/backward pass, the Gram tile comes from the memory budget either way."""
+    results = {
+        batch: measure(
+            f"9 exact trace, --batch-size {batch or 'auto'}", "batches", args, tmp, n=n, repeats=repeats, batch=batch
+        )
+        for batch in (0, 4)
+    }
+    auto, four = results[0], results[4]
+    row = Row(
+        "9 exact trace float64, BatchNorm CNN 6k, --batch-size 4 vs auto", n, four.get("best_s"), auto.get("best_s")
+    )
+    row.peak_ours_mb, row.peak_naive_mb = four.get("peak_rss_mb"), auto.get("peak_rss_mb")
+    row.note = (
+        four.get("error")
+        or auto.get("error")
+        or (
+            f"baseline = auto: --batch-size 4 takes {four['best_s'] / auto['best_s']:.2f}× its time (target ≤ 1.5×); "
+            f"tiles of {four['tile']} and {auto['tile']} rows"
+        )
+    )
+    return [row], {"auto": auto, "batch4": four}
+
+
 def fmt(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -837,10 +905,11 @@ def run_all(args: argparse.Namespace) -> None:
         "6": lambda tmp: workload_quality(args, tmp, n3 // 4),
         "7": lambda tmp: workload_targets(args, tmp),
         "8": lambda tmp: workload_generic(args, tmp, n3 // 4, repeats),
+        "9": lambda tmp: workload_batches(args, tmp, 200 if args.quick else 800, repeats),
     }
     rows, raws = [], {}
     with tempfile.TemporaryDirectory(prefix="ntk-bench-") as tmp:
-        for key in (args.only or ("1,2,3,4,5,6,8" if args.quick else "1,2,3,4,5,6,7,8")).split(","):
+        for key in (args.only or ("1,2,3,4,5,6,8,9" if args.quick else "1,2,3,4,5,6,7,8,9")).split(","):
             found, raw = workloads[key](tmp)
             rows += found if isinstance(found, list) else [found]
             raws[key] = raw
@@ -870,7 +939,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated workloads to run (default: 1-7; 1-6 with --quick)")
     worker.add_argument(
         "--worker",
-        choices=("ours", "naive", "project", "synthetic", "attribute", "weights", "quality", "generic"),
+        choices=("ours", "naive", "project", "synthetic", "attribute", "weights", "quality", "generic", "batches"),
         help=argparse.SUPPRESS,
     )
     worker.add_argument("--m", type=int, default=1000, help=argparse.SUPPRESS)
@@ -886,6 +955,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     worker.add_argument("--dim", type=int, default=PROJ_DIM, help=argparse.SUPPRESS)
     worker.add_argument("--tile", type=int, default=PROJ_TILE, help=argparse.SUPPRESS)
     worker.add_argument("--seeds", type=int, default=3, help=argparse.SUPPRESS)
+    worker.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

@@ -122,3 +122,27 @@ def generic_inputs(name: str, n: int) -> Tensor:
     if name in ("stdconv", "conv"):
         return torch.randn((n, 3, 16, 16), generator=generator)
     return torch.randint(0, VOCABULARY, (n, LENGTH), generator=generator)
+
+
+def batchnorm_cnn() -> nn.Module:
+    """Workload 9's model: a BatchNorm CNN of 6 330 parameters on (1, 12, 12) images, float64, seeded, eval mode
+    (random running statistics)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, CLASSES),
+    ).double()
+    for norm in (m for m in model if isinstance(m, nn.BatchNorm2d)):
+        norm.running_mean.normal_(0.0, 0.1)
+        norm.running_var.uniform_(0.5, 2.0)
+    return model.eval()

@@ -47,7 +47,7 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def float64_cnn_compute(out: str, *extra: str) -> list[str]:
     """compute arguments for the float64 test CNN on data.npz (train and test) in 8-row tiles, writing `out`."""
     args = ["--model", "tests.models:cnn", "--train", "data.npz", "--test", "data.npz", "--out", out]
-    return ["compute", *args, "--dtype", "float64", "--batch-size", "8", *extra]
+    return ["compute", *args, "--dtype", "float64", "--tile", "8", *extra]
 
 
 def _cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

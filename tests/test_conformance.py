@@ -79,7 +79,8 @@ def test_exact_kernels_of_real_architectures(tmp_path, name, request):
     model = model or ["--model", f"tests.architectures:{name}"]
     run = str(tmp_path / "run.h5")
     common = [*model, "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"), *keys]
-    _invoke("compute", *common, "--kernel", ",".join(KERNELS), "--dtype", "float64", "--batch-size", "3", "--out", run)
+    tiles = ["--tile", "3", "--batch-size", "2"]  # several tiles, each in passes of two rows
+    _invoke("compute", *common, "--kernel", ",".join(KERNELS), "--dtype", "float64", *tiles, "--out", run)
     net = arch.factory()  # hf_bert: the weights saved in hf_directory
     j_train, j_test = reference_jacobian(net, train), reference_jacobian(net, test)
     with h5py.File(run) as f:

@@ -38,10 +38,11 @@ def data(name: str, n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, *shape, generator=generator, dtype=torch.float64)
 
 
-def computed(tmp_path, model, spec, train, test, batch_size=None, max_memory=2**30):
-    path = tmp_path / f"{spec.name}-{batch_size}.h5"
+def computed(tmp_path, model, spec, train, test, batch_size=None, max_memory=2**30, tile=None):
+    path = tmp_path / f"{spec.name}-{batch_size}-{tile}.h5"
+    budget = Budget(torch.device("cpu"), max_memory, batch_size, tile=tile)
     with store.create_run(path, overwrite=True, attrs={}) as run:
-        compute_kernel(run, model, spec, train, test, Budget(torch.device("cpu"), max_memory, batch_size))
+        compute_kernel(run, model, spec, train, test, budget)
     with h5py.File(path) as run:
         group = run[f"kernel/{spec.name}"]
         return {name: group[name][()] for name in ("train_train", "test_train", "diag_train", "diag_test")}, dict(
@@ -54,8 +55,8 @@ def computed(tmp_path, model, spec, train, test, batch_size=None, max_memory=2**
 def test_exact_kernels_match_jacrev(tmp_path, name, kind):
     model = MODELS[name][0]()
     train, test = data(name, 7, 0), data(name, 4, 1)
-    # batch_size 3: several tiles, so off-diagonal blocks are mirrored and features recomputed or kept
-    got, attrs = computed(tmp_path, model, KernelSpec(kind), train, test, batch_size=3)
+    # tiles of 3: off-diagonal blocks are mirrored and features recomputed or kept; passes of 2: tiles joined
+    got, attrs = computed(tmp_path, model, KernelSpec(kind), train, test, batch_size=2, tile=3)
     j_train, j_test = reference.jacobian(model, train), reference.jacobian(model, test)
     assert rel(got["train_train"], reference.kernel(j_train, j_train, kind)) < TOL
     assert rel(got["test_train"], reference.kernel(j_test, j_train, kind)) < TOL
@@ -144,7 +145,7 @@ def test_params_glob_restricts_the_kernel(tmp_path, name, names, count):
 def test_conjugate_kernel(tmp_path):
     model = MODELS["cnn"][0]()
     train, test = data("cnn", 5, 0), data("cnn", 3, 1)
-    got, _ = computed(tmp_path, model, KernelSpec("ck"), train, test, batch_size=2)
+    got, _ = computed(tmp_path, model, KernelSpec("ck"), train, test, tile=2)
     with torch.no_grad():
         phi_train, phi_test = model[:-1](train), model[:-1](test)
     assert torch.equal(penultimate(model, train), phi_train)
@@ -265,7 +266,7 @@ def test_exported_program_kernel(tmp_path):
     program = torch.export.export(model, (train,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     torch.export.save(program, tmp_path / "cnn.pt2")
     exported = load_model(str(tmp_path / "cnn.pt2")).module
-    got, _ = computed(tmp_path, exported, KernelSpec("diagonal"), train, test, batch_size=2)
+    got, _ = computed(tmp_path, exported, KernelSpec("diagonal"), train, test, tile=2)
     j_train, j_test = reference.jacobian(model, train), reference.jacobian(model, test)
     assert rel(got["test_train"], reference.kernel(j_test, j_train, "diagonal")) < TOL
 

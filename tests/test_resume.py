@@ -225,3 +225,47 @@ def test_attribute_killed_or_stopped_then_resumed_gives_the_same_attribution(tmp
     code, stderr = _attribute(cwd, resume=True)
     assert code == 0, stderr
     assert all(np.array_equal(_attribution(cwd / "run.h5")[key], value) for key, value in expected.items())
+
+
+def _distill(cwd: Path, at: int = 0, sig: str = "SIGKILL", resume: bool = False) -> tuple[int, str]:
+    """kip on the pseudo kernel: the projected features in tiles of 8 rows, then 25 Adam steps (checkpoints at
+    steps 10 and 20), then /distill and /kernel/distilled."""
+    args = ["distill", "--model", "tests.models:cnn", "--train", "data.npz", "--test", "data.npz", "--out", "run.h5"]
+    args += ["--dtype", "float64", "--tile", "8", "--kernel", "pseudo", "--projection", "sparse", "--proj-dim", "64"]
+    args += ["--method", "kip", "--steps", "25", "--per-class", "2", "--kip-batch", "12", "--json"]
+    return _driven(cwd, [*args, *(["--resume"] if resume else [])], at, sig)
+
+
+def _distilled(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        datasets: dict[str, np.ndarray] = {}
+        for name in ("distill", "kernel/distilled"):
+            f[name].visititems(
+                lambda key, obj, name=name: (
+                    datasets.update({f"{name}/{key}": obj[()]}) if isinstance(obj, h5py.Dataset) else None
+                )
+            )
+        return datasets
+
+
+def test_distill_killed_then_resumed_gives_the_same_support(tmp_path: Path, reference) -> None:
+    """Killed at seeded points (the features' tiles, kip's steps, the writing of the support), --resume continues
+    from the scratch file's features and kip state to a support and kernel `np.array_equal` to an uninterrupted
+    run's; the scratch file and the partial file are gone after it."""
+    cwd = _fresh(tmp_path / "whole", reference["exact"])
+    code, stderr = _distill(cwd)
+    assert code == 0, stderr
+    expected, total = _distilled(cwd / "run.h5"), _calls(stderr)
+    skipped = []
+    for at in sorted(np.random.default_rng(11).choice(np.arange(2, total), 3, replace=False)):
+        cwd = _fresh(tmp_path / f"kill{at}", reference["exact"])
+        assert _distill(cwd, at=int(at))[0] == -signal.SIGKILL
+        assert not (cwd / "run.h5").exists()
+        code, stderr = _distill(cwd, resume=True)
+        assert code == 0, stderr
+        got = _distilled(cwd / "run.h5")
+        assert got.keys() == expected.keys()
+        assert all(np.array_equal(got[key], value) for key, value in expected.items()), at
+        assert not store.scratch_path(cwd / "run.h5").exists() and not store.partial_path(cwd / "run.h5").exists()
+        skipped.append(total - _calls(stderr))
+    assert max(skipped) > 0, skipped  # some resumes kept features or kip steps

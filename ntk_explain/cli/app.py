@@ -8,12 +8,14 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ntk_explain.cli.options import Debug, Json, Quiet, gathered
 from ntk_explain.errors import NtkExplainError, OutOfMemoryError
 from ntk_explain.resources import retain_freed_memory
 
@@ -31,25 +33,37 @@ stderr = Console(stderr=True)
 stdout = Console(width=None if sys.stdout.isatty() else 160)  # piped tables keep whole lines
 
 
-def reported(command: Callable) -> Callable:
-    """Turn expected failures into one stderr line and the exit codes of SPEC §7; --quiet silences warnings."""
+@dataclass(frozen=True)
+class Output:
+    """What a command prints: nothing but errors (quiet: no progress bars, messages or warnings), one JSON summary
+    on stdout (as_json), tracebacks of failures (debug)."""
 
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    quiet: bool = False
+    as_json: bool = False
+    debug: bool = False
+
+
+def reported(command: Callable) -> Callable:
+    """Give a command the options --quiet, --json and --debug (as `output`) and turn its expected failures into one
+    stderr line and their exit codes (130 for an interrupt); --quiet silences warnings too."""
+    options = {"quiet": (Quiet, False), "as_json": (Json, False), "debug": (Debug, False)}
+
+    def run(output: Output, **kwargs: Any) -> Any:
         try:
             with warnings.catch_warnings():
-                if kwargs.get("quiet"):  # torch's warnings that our calls trigger, too
+                if output.quiet:  # torch's warnings that our calls trigger, too
                     warnings.simplefilter("ignore")
-                return command(*args, **kwargs)
+                return command(output=output, **kwargs)
         except Exception as error:
-            if kwargs.get("debug"):
+            if output.debug:
                 raise
             raise typer.Exit(_exit_code(error)) from None
         except KeyboardInterrupt as interrupt:
             stderr.print(f"interrupted{f': {interrupt}' if str(interrupt) else ''}", style="red", highlight=False)
             raise typer.Exit(130) from None
 
-    return run
+    functools.update_wrapper(run, command)
+    return gathered(options, "output", lambda values: Output(**values))(run)
 
 
 def _exit_code(error: Exception) -> int:

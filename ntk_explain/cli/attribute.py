@@ -3,31 +3,35 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ntk_explain.cli.app import app, progress_bar, reported, stdout
+from ntk_explain.cli.app import Output, app, progress_bar, reported, stdout
 from ntk_explain.cli.options import (
     ClassWeight,
-    Debug,
-    Device,
     FitOn,
-    Json,
-    MaxMemory,
     Normalize,
-    Quiet,
     Surrogate,
     Target,
+    with_budget,
+    with_execution,
 )
 from ntk_explain.options import AttributeSpec, Resources, SurrogateSpec
+from ntk_explain.stages.execution import Execution
 
 
 @app.command()
 @reported
+@with_execution
+@with_budget
 def attribute(
     run: Annotated[Path, typer.Argument(help="A run file written by compute.")],
+    resources: Resources,
+    how: Execution,
+    output: Output,
     kernel: Annotated[str | None, typer.Option(help="Kernel group (default: trace, or the only one).")] = None,
     surrogate: Annotated[
         Surrogate, typer.Option(help="kglm: kernel logistic regression; ridge: of the logits.")
@@ -43,15 +47,6 @@ def attribute(
     ] = "support",
     top_k: Annotated[int, typer.Option(help="Proponents and opponents kept per point.", min=1)] = 10,
     all_classes: Annotated[bool, typer.Option(help="Also store (M, N, C) scores for every class.")] = False,
-    device: Device = "auto",
-    max_memory: MaxMemory = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing surrogate and attribution groups.")] = False,
-    resume: Annotated[
-        bool, typer.Option(help="Continue the partial run that an interrupted or killed attribute of RUN left.")
-    ] = False,
-    quiet: Quiet = False,
-    as_json: Json = False,
-    debug: Debug = False,
 ) -> None:
     """Fit a kernel surrogate, write data-attribution scores and faithfulness metrics into the run file."""
     from ntk_explain.cli.render import metrics_table
@@ -68,10 +63,10 @@ def attribute(
         ClassWeight(class_weight).value == "balanced",
         FitOn(fit_on).value,
     )
-    spec, resources = AttributeSpec(kernel, fit, top_k, all_classes), Resources(device, max_memory)
-    with progress_bar(quiet) as progress:
-        summary = run_attribute(run, spec, resources, overwrite=overwrite, resume=resume, progress=progress)
-    if as_json:
+    spec = AttributeSpec(kernel, fit, top_k, all_classes)
+    with progress_bar(output.quiet) as progress:
+        summary = run_attribute(run, spec, resources, replace(how, progress=progress))
+    if output.as_json:
         typer.echo(json.dumps(summary, default=str))
-    elif not quiet:
+    elif not output.quiet:
         stdout.print(metrics_table(summary["faithfulness"]))

@@ -3,33 +3,33 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ntk_explain.cli.app import app, progress_bar, reported
+from ntk_explain.cli.app import Output, app, progress_bar, reported
 from ntk_explain.cli.options import (
-    Debug,
     FeatureDType,
-    Json,
     ProjectionKind,
-    Quiet,
     Seed,
     split_list,
+    with_execution,
     with_inputs,
     with_resources,
 )
 from ntk_explain.options import KERNELS, InputSpec, KernelSpec, Resources
+from ntk_explain.stages.execution import Execution
 
 
-def report_compute(summary: dict, as_json: bool, quiet: bool) -> None:
+def report_compute(summary: dict, output: Output) -> None:
     """The summary of compute, from rank 0 alone under torchrun."""
     if summary.get("rank", 0) > 0:
         return
-    if as_json:
+    if output.as_json:
         typer.echo(json.dumps(summary, default=str))
-    elif not quiet:
+    elif not output.quiet:
         kernels = ", ".join(summary["kernels"])
         typer.echo(
             f"wrote {summary['out']}: {kernels} for {summary['n_train']} train"
@@ -40,12 +40,15 @@ def report_compute(summary: dict, as_json: bool, quiet: bool) -> None:
 
 @app.command()
 @reported
+@with_execution
 @with_inputs
 @with_resources
 def compute(
     out: Annotated[Path, typer.Option(help="The run file (HDF5) to write.")],
     inputs: InputSpec,
     resources: Resources,
+    how: Execution,
+    output: Output,
     kernel: Annotated[str, typer.Option(help=f"Comma-separated kernels: {', '.join(KERNELS)}.")] = "trace",
     projection: Annotated[ProjectionKind, typer.Option(help="Random projection of the gradients.")] = "none",
     proj_dim: Annotated[int | None, typer.Option(help="Projection dimension (default 10240; pseudo 4096).")] = None,
@@ -54,13 +57,6 @@ def compute(
     ] = None,
     params: Annotated[str | None, typer.Option(help="Parameter globs, e.g. 'fc.*' (default: all).")] = None,
     seed: Seed = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
-    resume: Annotated[
-        bool, typer.Option(help="Continue the partial run that an interrupted or killed compute of --out left.")
-    ] = False,
-    quiet: Quiet = False,
-    as_json: Json = False,
-    debug: Debug = False,
 ) -> None:
     """Compute eNTK kernels (train×train, test×train and self-kernel diagonals) into a run file."""
     from ntk_explain.stages import distributed
@@ -70,6 +66,6 @@ def compute(
     storage = FeatureDType(feature_dtype).value if feature_dtype else None
     kind = ProjectionKind(projection).value
     kernels = [KernelSpec(k, kind, proj_dim, seed, globs, storage) for k in split_list(kernel, "--kernel", KERNELS)]
-    with progress_bar(quiet or distributed.from_environment().rank > 0) as progress:
-        summary = run_compute(inputs, kernels, out, resources, overwrite=overwrite, resume=resume, progress=progress)
-    report_compute(summary, as_json, quiet)
+    with progress_bar(output.quiet or distributed.from_environment().rank > 0) as progress:
+        summary = run_compute(inputs, kernels, out, resources, replace(how, progress=progress))
+    report_compute(summary, output)

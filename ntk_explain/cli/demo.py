@@ -9,15 +9,16 @@ from typing import Annotated
 
 import typer
 
-from ntk_explain.cli.app import app, progress_bar, reported, stderr, stdout
+from ntk_explain.cli.app import Output, app, progress_bar, reported, stderr, stdout
 from ntk_explain.cli.compute import report_compute
-from ntk_explain.cli.options import Debug, Device, Json, ProjectionKind, Quiet, Seed, split_list
+from ntk_explain.cli.options import Device, ProjectionKind, Seed, split_list
 from ntk_explain.options import KERNELS, AttributeSpec, InputSpec, KernelSpec, Resources
 
 
 @app.command()
 @reported
 def demo(
+    output: Output,
     out: Annotated[Path, typer.Option(help="The run file to write; the weights go beside it.")] = Path("runs/demo.h5"),
     kernel: Annotated[str, typer.Option(help="Comma-separated kernels.")] = "trace,pseudo,ck",
     projection: Annotated[ProjectionKind, typer.Option(help="Random projection of the gradients.")] = "none",
@@ -25,9 +26,6 @@ def demo(
     device: Device = "auto",
     seed: Seed = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace existing demo files.")] = False,
-    quiet: Quiet = False,
-    as_json: Json = False,
-    debug: Debug = False,
 ) -> None:
     """Train the zoo CNN on the built-in digits, compute its eNTK, and explain its test predictions."""
     import torch
@@ -40,6 +38,7 @@ def demo(
     from ntk_explain.loading.data import load_dataset
     from ntk_explain.stages.attribute import attribute
     from ntk_explain.stages.compute import compute
+    from ntk_explain.stages.execution import Execution
 
     weights = out.with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -56,18 +55,18 @@ def demo(
     with torch.no_grad():
         accuracy = (ModelAdapter(model)(test.inputs).argmax(1) == test.y).double().mean().item()
     save_file(model.state_dict(), str(weights))
-    if not quiet and not as_json:
+    if not output.quiet and not output.as_json:
         message = f"trained zoo:cnn on zoo:digits in {trained:.1f}s: test accuracy {accuracy:.3f}; weights in {weights}"
         stderr.print(message, highlight=False, soft_wrap=True)
     inputs, resources = InputSpec("zoo:cnn", "zoo:digits", "zoo:digits", str(weights)), Resources(device)
-    with progress_bar(quiet) as progress:
-        summary = compute(inputs, kernels, out, resources, overwrite=overwrite, progress=progress)
+    with progress_bar(output.quiet) as progress:
+        summary = compute(inputs, kernels, out, resources, Execution(overwrite=overwrite, progress=progress))
     summary.update(weights=str(weights), test_accuracy=round(accuracy, 4), train_seconds=round(trained, 2))
-    report_compute(summary, False, quiet or as_json)
-    with progress_bar(quiet) as progress:
-        summary["attribution"] = attribute(out, AttributeSpec("trace"), resources, progress=progress)
-    if as_json:
+    report_compute(summary, Output(quiet=output.quiet or output.as_json))
+    with progress_bar(output.quiet) as progress:
+        summary["attribution"] = attribute(out, AttributeSpec("trace"), resources, Execution(progress=progress))
+    if output.as_json:
         typer.echo(json.dumps(summary, default=str))
-    elif not quiet:
+    elif not output.quiet:
         stdout.print(metrics_table(summary["attribution"]["faithfulness"]))
         stdout.print(proponents_table(out, rows=3, top=3))

@@ -3,35 +3,38 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ntk_explain.cli.app import app, progress_bar, reported
+from ntk_explain.cli.app import Output, app, progress_bar, reported
 from ntk_explain.cli.options import (
-    Debug,
-    Json,
     Method,
     ProjectionKind,
-    Quiet,
     Seed,
     Selection,
     Target,
+    with_execution,
     with_inputs,
     with_resources,
 )
 from ntk_explain.options import DEFAULT_REDUCTION, DistillSpec, InputSpec, KernelSpec, KipSettings, Resources
+from ntk_explain.stages.execution import Execution
 
 
 @app.command()
 @reported
+@with_execution
 @with_inputs
 @with_resources
 def distill(
     out: Annotated[Path, typer.Option(help="The run file: new, or one of the same data (e.g. from compute).")],
     inputs: InputSpec,
     resources: Resources,
+    how: Execution,
+    output: Output,
     method: Annotated[
         Method, typer.Option(help="kip: synthetic inputs; gradient: synthetic features; select.")
     ] = "kip",
@@ -59,13 +62,6 @@ def distill(
     learn_labels: Annotated[bool, typer.Option(help="kip: learn the support's labels too.")] = True,
     export: Annotated[Path | None, typer.Option(help="Also write the support to this .safetensors file.")] = None,
     seed: Seed = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing /distill in --out, and --export.")] = False,
-    resume: Annotated[
-        bool, typer.Option(help="Continue the distillation that an interrupted or killed distill of --out left.")
-    ] = False,
-    quiet: Quiet = False,
-    as_json: Json = False,
-    debug: Debug = False,
 ) -> None:
     """Distil the training set into m ≪ N support points (the distilled NTK); write their kernel with the test set."""
     from ntk_explain.stages import distributed
@@ -78,13 +74,11 @@ def distill(
     plan = DistillSpec(
         Method(method).value, Selection(select).value, reduction, per_class, Target(target).value, settings, seed=seed
     )
-    with progress_bar(quiet) as progress:
-        summary = run_distill(
-            inputs, spec, plan, out, resources, overwrite=overwrite, resume=resume, export=export, progress=progress
-        )
-    if as_json:
+    with progress_bar(output.quiet) as progress:
+        summary = run_distill(inputs, spec, plan, out, resources, replace(how, progress=progress), export)
+    if output.as_json:
         typer.echo(json.dumps(summary, default=str))
-    elif not quiet:
+    elif not output.quiet:
         typer.echo(
             f"wrote {out}: {summary['method']} support of {summary['m']} points for {summary['n_train']} "
             f"({summary['reduction']:.1f}× fewer), {summary['jacobians']} Jacobians in {summary['seconds']:.1f}s"

@@ -51,6 +51,8 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary objec
 Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:i.")]
 MaxMemory = Annotated[str | None, typer.Option(help="Memory budget, e.g. 2GB (default: half the free memory).")]
 Seed = Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the random projection (and sampling).")]
+Overwrite = Annotated[bool, typer.Option(help="Replace what exists: the output file, or the groups this writes.")]
+Resume = Annotated[bool, typer.Option(help="Continue the partial run that an interrupted or killed run left.")]
 
 _INPUTS: dict[str, tuple[Any, Any]] = {
     "model": (
@@ -137,7 +139,7 @@ def _resources(values: dict) -> Resources:
     return Resources(values["device"], values["max_memory"], batch_size(values["batch_size"]), values["tile"])
 
 
-def _gathered(options: dict[str, tuple[Any, Any]], name: str, build: Callable[[dict], object]) -> Callable:
+def gathered(options: dict[str, tuple[Any, Any]], name: str, build: Callable[[dict], object]) -> Callable:
     """A decorator adding `options` (name → (annotation, default)) to a command's signature, the command receiving
     them as one argument `name`, built by `build` from their values."""
 
@@ -160,5 +162,17 @@ def _gathered(options: dict[str, tuple[Any, Any]], name: str, build: Callable[[d
     return decorate
 
 
-with_inputs = _gathered(_INPUTS, "inputs", _inputs)
-with_resources = _gathered(_RESOURCES, "resources", _resources)
+with_inputs = gathered(_INPUTS, "inputs", _inputs)
+with_resources = gathered(_RESOURCES, "resources", _resources)
+with_budget = gathered(
+    {key: _RESOURCES[key] for key in ("device", "max_memory")}, "resources", lambda v: Resources(**v)
+)
+with_execution = gathered(
+    {"overwrite": (Overwrite, False), "resume": (Resume, False)}, "how", lambda v: _execution(**v)
+)
+
+
+def _execution(overwrite: bool, resume: bool) -> Any:
+    from ntk_explain.stages.execution import Execution
+
+    return Execution(overwrite, resume)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ntk_explain import store
 from ntk_explain.options import DISTILL_METRICS
+from ntk_explain.store import layout
 from ntk_explain.store.files import open_run
 from ntk_explain.store.read import INFO_ROOT_KEYS, summarize
 from ntk_explain.surrogate.metrics import METRIC_NAMES
@@ -37,11 +38,11 @@ def metrics_table(metrics: dict, distilled: dict | None = None) -> Table:
 def proponents_table(run: Path, rows: int, top: int) -> Table:
     """The strongest training proponents of the first `rows` explained points (rows of the source files)."""
     with store.open_run(run) as f:
-        split = "test" if "test" in f["data"] else "train"
-        source, labels = f[f"data/{split}/index"][:rows], f[f"data/{split}/labels"][:rows]
-        predicted = f["attribution/class"][:rows]
-        index, score = f["attribution/topk_index"][:rows, :top], f["attribution/topk_score"][:rows, :top]
-        train_source, train_labels = f["data/train/index"][()], f["data/train/labels"][()]
+        split = "test" if layout.data("test") in f else "train"
+        data, explained, train = f[layout.data(split)], f[layout.ATTRIBUTION], f[layout.data("train")]
+        source, labels, predicted = data["index"][:rows], data["labels"][:rows], explained["class"][:rows]
+        index, score = explained["topk_index"][:rows, :top], explained["topk_score"][:rows, :top]
+        train_source, train_labels = train["index"][()], train["labels"][()]
     table = Table(title=f"top-{top} proponents (training points, attribution score)", title_justify="left")
     table.add_column(f"{split} row")
     table.add_column("label")
@@ -88,9 +89,9 @@ def distill_table(path: str | os.PathLike) -> Table | None:
     """Per class: support size, and effective rank and r_ε of the full and the distilled kernel; None without
     /distill."""
     with open_run(path) as f:
-        if "distill" not in f:
+        if layout.DISTILL not in f:
             return None
-        group = f["distill"]
+        group = f[layout.DISTILL]
         eps = [float(e) for e in group.attrs["eps"]]
         support = np.bincount(group["classes"][()], minlength=len(group["effective_rank_full"]))
         columns = {
@@ -101,7 +102,7 @@ def distill_table(path: str | os.PathLike) -> Table | None:
             **{f"r_{e:g} distilled": group["r_eps_distilled"][:, j] for j, e in enumerate(eps)},
         }
         title = (
-            f"/distill: {group.attrs['method']}, m={group.attrs['m']} of N={group.attrs['n_train']} "
+            f"/{layout.DISTILL}: {group.attrs['method']}, m={group.attrs['m']} of N={group.attrs['n_train']} "
             f"({group.attrs['reduction']:.1f}× fewer Jacobians in later kernels)"
         )
     table = Table(title=title, title_justify="left")

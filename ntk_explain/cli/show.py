@@ -8,22 +8,20 @@ from typing import Annotated
 
 import typer
 
-from ntk_explain.cli.app import app, reported, stdout
-from ntk_explain.cli.options import Debug, Json
+from ntk_explain.cli.app import Output, app, reported, stdout
 
 
 @app.command()
 @reported
 def info(
     run: Annotated[Path, typer.Argument(help="A run file written by ntk-explain.")],
-    as_json: Json = False,
-    debug: Debug = False,
+    output: Output,
 ) -> None:
     """Show what a run file holds: provenance, groups and datasets."""
     from ntk_explain import store
     from ntk_explain.cli.render import distill_table, info_table
 
-    if as_json:
+    if output.as_json:
         typer.echo(json.dumps({"attrs": store.root_attrs(run), "items": store.summarize(run)}, default=str))
     else:
         stdout.print(info_table(run))
@@ -36,16 +34,16 @@ def info(
 @reported
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run file with a fitted surrogate.")],
-    as_json: Json = False,
-    debug: Debug = False,
+    output: Output,
 ) -> None:
     """Show the surrogate's faithfulness metrics, beside those of the distilled support's surrogate when both exist."""
     from ntk_explain import store
     from ntk_explain.cli.render import metrics_table
+    from ntk_explain.store import layout
 
     found = store.faithfulness(run)
-    full, distilled = found.get("faithfulness"), found.get("distill/faithfulness")
-    if as_json:
+    full, distilled = found.get(layout.FAITHFULNESS), found.get(layout.within(layout.DISTILL, layout.FAITHFULNESS))
+    if output.as_json:
         typer.echo(json.dumps({**(full or {}), **({"distilled": distilled} if distilled else {})}, default=str))
     elif full is None:
         stdout.print(metrics_table(distilled))

@@ -59,20 +59,19 @@ class KIP:
     def fit(
         self,
         feature_map: Callable[[Tensor], Tensor],
-        inputs: Tensor,
-        labels: Tensor,
-        target_features: Tensor,
-        target_outputs: Tensor,
-        target_classes: Tensor,
+        start: tuple[Tensor, Tensor],
+        targets: KipTargets,
         on_step: Callable[[float], None] | None = None,
         *,
         state: KipState | None = None,
         checkpoint: Callable[[KipState], None] | None = None,
         every: int = 10,
     ) -> KIP:
-        """Start from real inputs (m, …) with labels (m, C); targets: features (N, D), outputs y_t (N, C), classes.
-        With `state` (an interrupted fit's, from `checkpoint`, called every `every` steps), go on from there: the
-        result is that of an uninterrupted fit."""
+        """Start from real inputs (m, …) with labels (m, C) (`start`) against the real `targets`. With `state` (an
+        interrupted fit's, from `checkpoint`, called every `every` steps), go on from there: the result is that of
+        an uninterrupted fit."""
+        inputs, labels = start
+        target_features, target_outputs, target_classes = targets.features, targets.outputs, targets.classes
         generator = torch.Generator().manual_seed(self.seed)
         x = inputs.detach().clone().requires_grad_(True)
         y = labels.detach().clone().requires_grad_(self.learn_labels)
@@ -98,6 +97,15 @@ class KIP:
                 checkpoint(KipState.of(step + 1, x, y, optimizer, generator, self.losses_))
         self.inputs_, self.labels_ = x.detach(), y.detach()
         return self
+
+
+@dataclass(frozen=True)
+class KipTargets:
+    """kip's real targets: their features φ_t (N, D), the network's outputs y_t (N, C) and their classes (N,)."""
+
+    features: Tensor
+    outputs: Tensor
+    classes: Tensor
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ntk_explain.errors import UsageError
+from ntk_explain.features.plan import TangentPlan
 from ntk_explain.features.planning import plan_tangents
 from ntk_explain.features.projected import project
 from ntk_explain.features.projections import Projection
@@ -44,20 +45,9 @@ def featurizer(model: nn.Module | ModelAdapter, spec: KernelSpec, probe: Tensor 
     layers' directions and the groups' shares of d (`sketch_layout`)."""
     adapter, probe = as_adapter(model), Batch.of(probe)
     if spec.kernel == "ck":
-        phi = penultimate(adapter, probe[:1])
-        width, itemsize = phi.shape[-1], phi.element_size()
-        return Featurizer(
-            featurize=lambda x: Factors(penultimate(adapter, x)[:, None, :], (), ()),
-            classes=1,
-            dtype=phi.dtype,
-            work_bytes=4 * itemsize * width,
-            kept_bytes=itemsize * width,
-            pair_bytes=3 * itemsize,
-            attrs={},
-        )
+        return _conjugate(adapter, probe)
     plan = plan_tangents(adapter, probe, kernel_output(spec.kernel), spec.params, max_check_bytes=budget.bytes // 4)
-    itemsize = plan.dtype.itemsize
-    k = plan.outputs
+    itemsize, k = plan.dtype.itemsize, plan.outputs
     entries = {"trace": 1, "diagonal": k, "full": k * k}[contraction(spec.kernel)]  # per (row, column) pair
     dense = sum(plan.params[n].numel() for n in plan.dense)
     kept = k * dense + sum(layer.sites * (k * layer.out_features + layer.in_features + 1) for layer in plan.layers)
@@ -85,28 +75,9 @@ def featurizer(model: nn.Module | ModelAdapter, spec: KernelSpec, probe: Tensor 
             pair_bytes=itemsize * 3 * entries * sites * sites,
             attrs=attrs,
         )
-    projection = Projection(spec.projection, spec.proj_dim, spec.seed)
-    if spec.projection in SKETCHES:
-        groups = bool(plan.dense or plan.lookups) + 3 * len(plan.layers)  # `SketchLayout.groups`
-        if spec.proj_dim < groups:
-            raise UsageError(
-                f"--proj-dim {spec.proj_dim} is too small for a {spec.projection} of this model: its {groups} groups "
-                "(the other parameters, then each layer's rows, columns and rest) need a dimension each"
-            )
-        with torch.no_grad():
-            layout = sketch_layout(tangent_factors(adapter, plan, probe), spec.proj_dim, spec.projection)
-        attrs.update(
-            sketch_groups=layout.groups, sketch_dims=layout.dims, sketch_exact=layout.exact, sketch_probe=len(probe)
-        )
-        features = functools.partial(sketch, projection=projection, layout=layout)
-    else:
-        features = functools.partial(project, projection=projection, block_numel=max(1, budget.bytes // (8 * itemsize)))
-
-    def featurize(x: Tensor | Batch) -> Factors:
-        return Factors(features(plan, tangent_factors(adapter, plan, x)), (), ())
-
+    features = _projected(adapter, plan, spec, probe, budget, attrs)
     return Featurizer(
-        featurize=featurize,
+        featurize=lambda x: Factors(features(plan, tangent_factors(adapter, plan, x)), (), ()),
         classes=k,
         dtype=plan.dtype,
         work_bytes=itemsize * (work + k * spec.proj_dim),
@@ -114,6 +85,44 @@ def featurizer(model: nn.Module | ModelAdapter, spec: KernelSpec, probe: Tensor 
         pair_bytes=itemsize * 3 * entries,
         attrs=attrs,
     )
+
+
+def _conjugate(adapter: ModelAdapter, probe: Batch) -> Featurizer:
+    """The conjugate kernel's features: the penultimate activations φ(x) as one output."""
+    phi = penultimate(adapter, probe[:1])
+    width, itemsize = phi.shape[-1], phi.element_size()
+    return Featurizer(
+        featurize=lambda x: Factors(penultimate(adapter, x)[:, None, :], (), ()),
+        classes=1,
+        dtype=phi.dtype,
+        work_bytes=4 * itemsize * width,
+        kept_bytes=itemsize * width,
+        pair_bytes=3 * itemsize,
+        attrs={},
+    )
+
+
+def _projected(
+    adapter: ModelAdapter, plan: TangentPlan, spec: KernelSpec, probe: Batch, budget: Budget, attrs: dict
+) -> Callable[[TangentPlan, Factors], Tensor]:
+    """How the tangent factors become projected features: a sketch, with its layout from the probe (recorded in
+    `attrs`), or a dense projection in blocks of the budget."""
+    projection = Projection(spec.projection, spec.proj_dim, spec.seed)
+    if spec.projection not in SKETCHES:
+        block = max(1, budget.bytes // (8 * plan.dtype.itemsize))
+        return functools.partial(project, projection=projection, block_numel=block)
+    groups = bool(plan.dense or plan.lookups) + 3 * len(plan.layers)  # `SketchLayout.groups`
+    if spec.proj_dim < groups:
+        raise UsageError(
+            f"--proj-dim {spec.proj_dim} is too small for a {spec.projection} of this model: its {groups} groups "
+            "(the other parameters, then each layer's rows, columns and rest) need a dimension each"
+        )
+    with torch.no_grad():
+        layout = sketch_layout(tangent_factors(adapter, plan, probe), spec.proj_dim, spec.projection)
+    attrs.update(
+        sketch_groups=layout.groups, sketch_dims=layout.dims, sketch_exact=layout.exact, sketch_probe=len(probe)
+    )
+    return functools.partial(sketch, projection=projection, layout=layout)
 
 
 def _by_reason(generic: dict[str, str]) -> dict[str, list[str]]:

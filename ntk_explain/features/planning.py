@@ -139,13 +139,9 @@ def _assemble(
     formed; a normalisation layer is always affine (both ways give the same K × channels columns of γ and β).
     """
     model = adapter.module
-    ids = {id(p): name for name, p in params.items()}
-    count: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            count[id(p)] = count.get(id(p), 0) + 1
-    shared = {key for key, owners in count.items() if owners > 1}
-    layers, formed, lookups, formed_lookups, affines, reasons = [], [], [], [], [], {}
+    ids, shared = {id(p): name for name, p in params.items()}, _shared(model)
+    kinds: dict[str, list] = {kind: [] for kind in ("layers", "formed", "lookups", "formed_lookups", "affines")}
+    reasons: dict[str, str] = {}
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if id(p) in ids]
         if not own:
@@ -160,24 +156,15 @@ def _assemble(
         for p in own:  # e.g. weight_norm's g and v, from which a forward pre-hook makes the weight
             if ids[id(p)] not in (entry.weight, getattr(entry, "bias", None)):
                 reasons[ids[id(p)]] = f"not {name}'s weight or bias"
-        if isinstance(entry, Affine):
-            affines.append(entry)
-        elif isinstance(entry, Lookup):
-            sparse = entry.sites**2 * (outputs * entry.features + 1) <= outputs * entry.rows * entry.features
-            (lookups if sparse else formed_lookups).append(entry)
-        else:
-            factorised = entry.sites**2 * (outputs * entry.out_features + entry.in_features)
-            dense = outputs * entry.out_features * entry.in_features
-            cheap = factorised <= dense and getattr(module, "groups", 1) == 1  # a grouped conv is always formed
-            (layers if cheap else formed).append(entry)
+        kinds[_kind(entry, module, outputs)].append(entry)
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     plan = TangentPlan(
         params=params,
-        layers=tuple(layers),
-        formed=tuple(formed),
-        lookups=tuple(lookups),
-        affines=tuple(affines),
-        formed_lookups=tuple(formed_lookups),
+        layers=tuple(kinds["layers"]),
+        formed=tuple(kinds["formed"]),
+        lookups=tuple(kinds["lookups"]),
+        affines=tuple(kinds["affines"]),
+        formed_lookups=tuple(kinds["formed_lookups"]),
         fixed={name: t.detach() for name, t in state.items() if name not in params},
         outputs=outputs,
         output=output,
@@ -186,6 +173,27 @@ def _assemble(
     )
     path = "loop" if looped else ("vmap" if plan.jacobian else "batched")
     return replace(plan, path=path, generic={name: reasons[name] for name in plan.jacobian})
+
+
+def _shared(model: nn.Module) -> set[int]:
+    """The parameters (by id) that several modules own."""
+    count: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            count[id(p)] = count.get(id(p), 0) + 1
+    return {key for key, owners in count.items() if owners > 1}
+
+
+def _kind(entry: Layer | Lookup | Affine, module: nn.Module, outputs: int) -> str:
+    """Which of the plan's structured kinds an entry takes, by the cost rules of `_assemble`."""
+    if isinstance(entry, Affine):
+        return "affines"
+    if isinstance(entry, Lookup):
+        sparse = entry.sites**2 * (outputs * entry.features + 1) <= outputs * entry.rows * entry.features
+        return "lookups" if sparse else "formed_lookups"
+    factorised = entry.sites**2 * (outputs * entry.out_features + entry.in_features)
+    cheap = factorised <= outputs * entry.out_features * entry.in_features
+    return "layers" if cheap and getattr(module, "groups", 1) == 1 else "formed"  # a grouped conv is always formed
 
 
 def _entry(name: str, module: nn.Module, method: str, calls: list, ids: dict[int, str]) -> Layer | Lookup | Affine:

@@ -22,8 +22,8 @@ from ntk_explain.kernel.normalize import cosine_features, cosine_normalize
 from ntk_explain.options import DISTILL_METRICS, AttributeSpec, Budget, Resources, SurrogateSpec
 from ntk_explain.resources import budget as resolve_budget
 from ntk_explain.stages.compute import kept_partial
+from ntk_explain.stages.execution import Execution, Progress
 from ntk_explain.stages.kernels import chunk_tile, rows_dataset
-from ntk_explain.stages.progress import Progress, Silent
 from ntk_explain.stages.rows import resumable_tiles
 from ntk_explain.store import layout
 from ntk_explain.surrogate.attribution import all_class_scores, attribution_scores, extremes
@@ -32,25 +32,6 @@ from ntk_explain.surrogate.metrics import faithfulness
 
 Surrogate = KernelGLM | KernelRidge
 EXTREMES = (("topk_index", np.int64), ("topk_score", np.float64), ("opp_index", np.int64), ("opp_score", np.float64))
-
-
-def attribute(
-    run: Path,
-    spec: AttributeSpec,
-    resources: Resources,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    progress: Progress | None = None,
-) -> dict:
-    """Fit the surrogate on a run file's kernel and add attribution and faithfulness to it. An interrupt keeps the
-    partial copy of the run file; `resume` continues it."""
-    try:
-        return attribute_run(
-            run, spec, resolve_budget(resources), overwrite=overwrite, resume=resume, progress=progress
-        )
-    except KeyboardInterrupt:
-        raise kept_partial(run) from None
 
 
 def kernel_name(run: store.H5File, requested: str | None) -> str:
@@ -237,24 +218,24 @@ def _cleared(parent: store.H5Group, resumed: bool, overwrite: bool, path: Path) 
     return fitted
 
 
-def attribute_run(
-    path: str | Path,
-    spec: AttributeSpec,
-    budget: Budget,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    progress: Progress | None = None,
-) -> dict:
+def attribute(path: str | Path, spec: AttributeSpec, resources: Resources, how: Execution = Execution()) -> dict:
     """Fit the surrogate on /kernel/<name>, write /surrogate, /attribution and /faithfulness (under /distill for a
     distilled support, whose faithfulness also holds the reduction N/m and the kernel alignments with the full-data
-    predictor). An interrupt keeps the partial copy of the run file; `resume` continues it (the same request): the
-    stored fit is reused and the row blocks already checkpointed are kept, giving the numbers of an uninterrupted
+    predictor). An interrupt keeps the partial copy of the run file; `how.resume` continues it (the same request):
+    the stored fit is reused and the row blocks already checkpointed are kept, giving the numbers of an uninterrupted
     run."""
-    progress, surrogate_spec = progress or Silent(), spec.surrogate
-    with store.update_run(path, request=spec.to_params(), resume=resume) as (run, resumed):
+    budget = resolve_budget(resources)
+    try:
+        return _attribute(Path(path), spec, budget, how)
+    except KeyboardInterrupt:
+        raise kept_partial(Path(path)) from None
+
+
+def _attribute(path: Path, spec: AttributeSpec, budget: Budget, how: Execution) -> dict:
+    progress, surrogate_spec = how.progress, spec.surrogate
+    with store.update_run(path, request=spec.to_params(), resume=how.resume) as (run, resumed):
         target = _target(run, spec)
-        fitted = _cleared(target.parent, resumed, overwrite, Path(path))
+        fitted = _cleared(target.parent, resumed, how.overwrite, path)
         kernel = _train_kernel(target.kernel, surrogate_spec.normalize, budget, "full" if target.on_train else "train")
         if fitted:
             surrogate, fit = _restored(surrogate_spec, target.parent[layout.SURROGATE], budget.device)

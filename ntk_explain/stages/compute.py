@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from ntk_explain import resources as devices
@@ -13,9 +12,9 @@ from ntk_explain import store
 from ntk_explain.errors import UsageError
 from ntk_explain.options import Budget, InputSpec, KernelSpec, Resources, Shard
 from ntk_explain.stages import distributed
-from ntk_explain.stages.inputs import Inputs, load_inputs
+from ntk_explain.stages.execution import Execution, Progress
+from ntk_explain.stages.inputs import Inputs, load_inputs, resumed_resources
 from ntk_explain.stages.kernels import compute_kernel, network_logits, write_data
-from ntk_explain.stages.progress import Progress, Silent
 
 
 def compute(
@@ -23,23 +22,21 @@ def compute(
     kernels: Sequence[KernelSpec],
     out: Path,
     resources: Resources,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    progress: Progress | None = None,
+    how: Execution = Execution(),
 ) -> dict:
     """Load and check the model and data, and write the run file `out` with every kernel of `kernels` (one seed,
     projection and parameter selection for all); returns a summary.
 
-    An interrupt keeps the partial run file; `resume` continues it (same options; the memory budget and batch size
+    An interrupt keeps the partial run file; `how.resume` continues it (same options; the memory budget and batch size
     it recorded stand in for defaults, so its tiles, and therefore its numbers, stay the same). Under torchrun every
     rank writes its shard file and rank 0 joins them."""
     if not kernels:
         raise UsageError("--kernel: expected at least one kernel")
+    overwrite, resume = how.overwrite, how.resume
     store.check_target(out, overwrite=overwrite)
     shard = distributed.from_environment()
     written = out if shard.world == 1 else store.shard_path(out, shard.rank, shard.world)
-    budget = devices.budget(_resumed(resources, written) if resume else resources, shard)
+    budget = devices.budget(resumed_resources(resources, written) if resume else resources, shard)
     loaded = load_inputs(inputs, budget, _kernel_options(kernels), kernels[0].seed)
     began = time.perf_counter()
     summary: dict = {"out": str(out), "device": str(budget.device), "classes": loaded.classes, "kernels": {}}
@@ -52,7 +49,7 @@ def compute(
         )
         with run as f:
             summary["resumed"] = int(f.attrs.get("resumed", 0))
-            _write_kernels(f, loaded, kernels, budget, progress or Silent(), summary)
+            _write_kernels(f, loaded, kernels, budget, how.progress, summary)
         if shard.world > 1:
             _join(out, shard, overwrite)
     except KeyboardInterrupt:
@@ -61,20 +58,6 @@ def compute(
         distributed.stop(shard)
     summary["seconds"] = round(time.perf_counter() - began, 3)
     return summary
-
-
-def _resumed(resources: Resources, written: Path) -> Resources:
-    """The resources of a resumed run: its recorded memory budget and batch size, unless given again."""
-    recorded = store.partial_params(written)
-    if not recorded:
-        return resources
-    batch = recorded.get("batch_size")
-    return replace(
-        resources,
-        max_memory=resources.max_memory or str(recorded["max_memory"]),
-        batch_size=resources.batch_size or (batch if isinstance(batch, int) else None),
-        tile=resources.tile or recorded.get("tile"),
-    )
 
 
 def _kernel_options(kernels: Sequence[KernelSpec]) -> dict:

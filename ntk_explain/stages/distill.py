@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ntk_explain import store
-from ntk_explain.distill.kip import KIP
+from ntk_explain.distill.kip import KIP, KipTargets
 from ntk_explain.distill.spectra import centred, class_ranks, kernel_alignment, nearest, predictor_kernel
 from ntk_explain.distill.support import allocate, centred_one_hot, gradient_support, select
 from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
@@ -31,9 +31,9 @@ from ntk_explain.options import DEFAULT_REDUCTION, Budget, DistillSpec, InputSpe
 from ntk_explain.resources import budget as resolve_budget
 from ntk_explain.stages.compute import kept_partial
 from ntk_explain.stages.distill_state import load_kip, save_kip, stored_features
-from ntk_explain.stages.inputs import Inputs, load_inputs
+from ntk_explain.stages.execution import Execution, Progress
+from ntk_explain.stages.inputs import Inputs, load_inputs, resumed_resources
 from ntk_explain.stages.kernels import feature_kernel, kernel_attrs, network_logits, tile_size, write_data
-from ntk_explain.stages.progress import Progress, Silent
 from ntk_explain.store import layout
 
 RANK_EPS = (0.01, 0.05)
@@ -46,26 +46,24 @@ def distill(
     spec: DistillSpec,
     out: Path,
     resources: Resources,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
+    how: Execution = Execution(),
     export: Path | None = None,
-    progress: Progress | None = None,
 ) -> dict:
     """Distil the training set of `inputs` into a support (`spec`) on the projected `kernel`; write /distill and
     /kernel/distilled into `out` (new, or a run file of the same model and data), and the support to `export`
-    (safetensors) when given. An interrupt keeps the partial file and the scratch state; `resume` continues."""
+    (safetensors) when given. An interrupt keeps the partial file and the scratch state; `how.resume` continues."""
     _check(inputs, kernel, spec)
+    overwrite, resume = how.overwrite, how.resume
     if export is not None:
         store.check_target(export, overwrite=overwrite)
-    budget = resolve_budget(resources)
+    budget = resolve_budget(resumed_resources(resources, out) if resume else resources)
     options = {"kernel": [kernel.name], "projection": kernel.projection, "proj_dim": kernel.proj_dim}
     loaded = load_inputs(inputs, budget, {**options, "distill": spec.to_params()}, kernel.seed)
     request = {"inputs": inputs.to_params(), "kernel": kernel.to_params(), "distill": spec.to_params()}
     try:
         with distill_target(out, loaded, overwrite, request, resume) as run:
             with store.scratch(out, request, resume=resume) as scratch:
-                summary = distill_support(run, scratch, loaded, kernel, spec, progress or Silent())
+                summary = distill_support(run, scratch, loaded, kernel, spec, how.progress)
             store.set_attrs(run[layout.DISTILL], {key: loaded.attrs[key] for key in ("command", "params", "created")})
     except KeyboardInterrupt:
         raise kept_partial(out) from None
@@ -127,18 +125,8 @@ def build_support(
     progress.advance(state.step if state is not None else 0)
     checkpoint = (lambda kept: save_kip(scratch, kept)) if scratch is not None else None
     on_step = lambda _loss: progress.advance()  # noqa: E731
-    kip.fit(
-        feature_map,
-        inputs,
-        labels,
-        phi,
-        outputs,
-        classes,
-        on_step,
-        state=state,
-        checkpoint=checkpoint,
-        every=KIP_CHECKPOINT,
-    )
+    targets = KipTargets(phi, outputs, classes)
+    kip.fit(feature_map, (inputs, labels), targets, on_step, state=state, checkpoint=checkpoint, every=KIP_CHECKPOINT)
     with torch.no_grad():
         features = feature_map(kip.inputs_)
     jacobians = (kip.steps + 1) * len(source)
@@ -173,7 +161,7 @@ _SUPPORT_DIMS = {
 def _write_support(
     group: store.H5Group, support: Support, near: tuple[Tensor, Tensor], ranks: dict[str, Tensor]
 ) -> None:
-    """/distill's datasets: the support, its nearest real points and the per-class spectra (`_SUPPORT_DIMS`)."""
+    """The datasets of /distill: the support, its nearest real points and the per-class spectra (`_SUPPORT_DIMS`)."""
     if support.inputs is not None:
         dims = ("support", *("input",) * (support.inputs.dim() - 1))
         store.write_array(group, "inputs", support.inputs.detach().cpu().numpy(), dims)
@@ -256,7 +244,7 @@ def _write_distill(
     kernel: KernelSpec,
     sizes: list[int],
 ) -> dict:
-    """/distill: the support, its nearest real points and the per-class spectra; its attributes, so far."""
+    """The /distill group: the support, its nearest real points and the per-class spectra; its attributes, so far."""
     full_rank, full_r = class_ranks(phi, classes, n_classes, RANK_EPS)
     support_rank, support_r = class_ranks(support.features, support.classes, n_classes, RANK_EPS)
     ranks = {

@@ -15,8 +15,8 @@ from ntk_explain.distill.kip import KipState
 from ntk_explain.features.featurizer import Featurizer
 from ntk_explain.loading.adapter import Batch
 from ntk_explain.options import Budget
+from ntk_explain.stages.execution import Progress
 from ntk_explain.stages.kernels import chunk_tile, in_batches
-from ntk_explain.stages.progress import Progress
 from ntk_explain.stages.rows import resumable_tiles
 from ntk_explain.store import layout
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from ntk_explain.loading.adapter import Batch, ModelAdapter, as_adapter
 from ntk_explain.loading.data import Dataset
 from ntk_explain.options import Budget, KernelSpec
 from ntk_explain.stages import distributed
-from ntk_explain.stages.progress import Progress, Silent
+from ntk_explain.stages.execution import Progress, Silent
 from ntk_explain.stages.rows import resumable_tiles
 from ntk_explain.store import layout
 
@@ -223,6 +223,7 @@ def compute_kernel(
     size or tile, or several ranks (`budget.shard`), the error propagates.
     """
     name = layout.kernel(spec.name)
+    job = _Job(run, as_adapter(model), spec, [Batch.of(train)] + ([Batch.of(test)] if test is not None else []))
     done = run.get(name)
     complete = done is not None and bool(done.attrs.get("complete"))
     if distributed.smallest(int(complete), budget.shard, budget.device):  # complete on every rank
@@ -230,7 +231,7 @@ def compute_kernel(
     auto, retries = budget.batch_size is None and budget.tile is None and budget.shard.world == 1, 0
     while True:
         try:
-            attrs = _compute_kernel(run, model, spec, train, test, budget, progress or Silent())
+            attrs = _compute_kernel(job, budget, progress or Silent())
         except (torch.OutOfMemoryError, MemoryError):
             group = run.get(name)
             failed = int(group.attrs["tile"]) if group is not None and "tile" in group.attrs else 0
@@ -245,19 +246,21 @@ def compute_kernel(
         return {**attrs, "oom_retries": retries}
 
 
-def _compute_kernel(
-    run: store.H5File,
-    model: nn.Module | ModelAdapter,
-    spec: KernelSpec,
-    train: Tensor | Batch,
-    test: Tensor | Batch | None,
-    budget: Budget,
-    progress: Progress,
-) -> dict:
-    """`compute_kernel` in the tiles that an interrupted run recorded, or from the budget."""
+@dataclass(frozen=True)
+class _Job:
+    """A kernel to compute: the run file, the model, the kernel, and its data sets (train, then test)."""
+
+    run: store.H5File
+    model: ModelAdapter
+    spec: KernelSpec
+    sets: list[Batch]
+
+
+def _compute_kernel(job: _Job, budget: Budget, progress: Progress) -> dict:
+    """`compute_kernel` once, in the tiles that an interrupted run recorded, or from the budget."""
+    run, spec, sets = job.run, job.spec, job.sets
     group = run.require_group(layout.kernel(spec.name))
-    sets = [Batch.of(train)] + ([Batch.of(test)] if test is not None else [])
-    features = featurizer(model, spec, sets[0][:SKETCH_PROBE].to(budget.device), budget)
+    features = featurizer(job.model, spec, sets[0][:SKETCH_PROBE].to(budget.device), budget)
     if "tile" not in group.attrs:  # the ranks agree on one tile
         tile = distributed.smallest(tile_size(len(sets[0]), features, budget), budget.shard, budget.device)
         store.set_attrs(group, {"tile": tile, "complete": False})

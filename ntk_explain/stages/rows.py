@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from ntk_explain import store
-from ntk_explain.stages.progress import Progress
+from ntk_explain.stages.execution import Progress
 
 
 def resumable_tiles(

@@ -24,8 +24,9 @@ from ntk_explain.store.files import (
     scratch_path,
     update_run,
 )
+from ntk_explain.store.layout import SHARDED
 from ntk_explain.store.read import faithfulness, group_attrs, read_kernel, root_attrs, summarize
-from ntk_explain.store.shards import SHARDED, join_shards, shard_path
+from ntk_explain.store.shards import join_shards, shard_path
 
 H5File, H5Group, H5Dataset = h5py.File, h5py.Group, h5py.Dataset  # the types the stages are handed
 

@@ -39,7 +39,8 @@ def provenance(
     weights_sha256: str | None,
     data_sha256: dict[str, str] | str,
 ) -> dict:
-    """The root attributes of a run file (SPEC §6); JSON-valued ones are JSON strings."""
+    """The root attributes of a run file: format, versions, command, params, time, host, device, hashes of the model,
+    weights and data, seed; JSON-valued ones are JSON strings."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -11,11 +11,9 @@ import numpy as np
 
 from ntk_explain.errors import BadInputError
 from ntk_explain.kernel.normalize import cosine_normalize
+from ntk_explain.store import layout
 from ntk_explain.store.attrs import attrs_dict
 from ntk_explain.store.files import open_run
-
-KERNEL_BLOCKS = ("train_train", "test_train")
-
 
 # Root attributes shown by `info`; the others (params, hashes, versions) are in `info --json`.
 INFO_ROOT_KEYS = ("format_version", "ntk_explain_version", "created", "device", "seed")
@@ -37,7 +35,8 @@ def group_attrs(path: str | os.PathLike, group: str) -> dict[str, Any]:
 def faithfulness(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The attributes of /faithfulness and /distill/faithfulness, those present; neither is bad input."""
     with open_run(path) as f:
-        found = {name: attrs_dict(f[name]) for name in ("faithfulness", "distill/faithfulness") if name in f}
+        names = (layout.FAITHFULNESS, layout.within(layout.DISTILL, layout.FAITHFULNESS))
+        found = {name: attrs_dict(f[name]) for name in names if name in f}
     if not found:
         raise BadInputError(f"{path} has no /faithfulness (run the stage that writes it first)")
     return found
@@ -70,9 +69,9 @@ def _describe(name: str, obj: h5py.Group | h5py.Dataset) -> dict[str, Any]:
 
 
 def _kernel_dataset(f: h5py.File, path: Path, name: str, key: str) -> np.ndarray:
-    group = f.get(f"kernel/{name}")
+    group = f.get(layout.kernel(name))
     if not isinstance(group, h5py.Group):
-        available = sorted(f["kernel"]) if isinstance(f.get("kernel"), h5py.Group) else []
+        available = sorted(f[layout.KERNEL]) if isinstance(f.get(layout.KERNEL), h5py.Group) else []
         raise BadInputError(f"{path}: no kernel {name!r} (available: {', '.join(available) or 'none'})")
     ds = group.get(key)
     if not isinstance(ds, h5py.Dataset):
@@ -86,15 +85,16 @@ def read_kernel(path: str | os.PathLike, name: str, block: str = "train_train", 
     ``block`` is "train_train" or "test_train" (rows = test points, columns = train points).
     An incomplete kernel (attr ``complete`` false) is refused.
     """
-    if block not in KERNEL_BLOCKS:
-        raise BadInputError(f"unknown kernel block {block!r} (expected one of {', '.join(KERNEL_BLOCKS)})")
+    if block not in layout.BLOCKS:
+        raise BadInputError(f"unknown kernel block {block!r} (expected one of {', '.join(layout.BLOCKS)})")
     path = Path(path)
     with open_run(path) as f:
         kernel = _kernel_dataset(f, path, name, block)
-        if not bool(f[f"kernel/{name}"].attrs.get("complete", True)):
+        if not bool(f[layout.kernel(name)].attrs.get("complete", True)):
             raise BadInputError(f"{path}: kernel {name!r} is incomplete; rerun compute with --resume")
         if not normalize:
             return kernel
-        diag_cols = _kernel_dataset(f, path, name, "diag_train")
-        diag_rows = diag_cols if block == "train_train" else _kernel_dataset(f, path, name, "diag_test")
+        diag_cols = _kernel_dataset(f, path, name, layout.diag("train"))
+        rows = layout.SPLITS[layout.BLOCKS.index(block)]
+        diag_rows = diag_cols if rows == "train" else _kernel_dataset(f, path, name, layout.diag(rows))
     return cosine_normalize(kernel, diag_rows, diag_cols)

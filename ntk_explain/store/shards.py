@@ -10,6 +10,7 @@ from pathlib import Path
 
 import h5py
 
+from ntk_explain.store import layout
 from ntk_explain.store.attrs import attrs_dict
 from ntk_explain.store.files import CACHE_BYTES, create_run, open_hdf5
 
@@ -20,13 +21,10 @@ def shard_path(path: str | os.PathLike, rank: int, world: int) -> Path:
     return path.with_name(f".{path.name}.rank{rank}-of-{world}")
 
 
-SHARDED = ("train_train", "test_train", "diag_train", "diag_test")  # kernel datasets split by row tiles over ranks
-
-
 def join_shards(path: str | os.PathLike, shards: Sequence[Path], *, overwrite: bool) -> None:
     """Write the run file `path` from the shard files of a distributed compute (`create_run`, atomic), then delete
-    them. Each kernel dataset of `SHARDED` holds in each shard the row tiles of one rank and zeros elsewhere, so it
-    is their sum (exact: every entry is written by one rank); everything else is the first shard's."""
+    them. Each kernel dataset of `layout.SHARDED` holds in each shard the row tiles of one rank and zeros elsewhere,
+    so it is their sum (exact: every entry is written by one rank); everything else is the first shard's."""
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open_hdf5(Path(shard), "r")) for shard in shards]
         first = files[0]
@@ -34,7 +32,8 @@ def join_shards(path: str | os.PathLike, shards: Sequence[Path], *, overwrite: b
         with create_run(path, overwrite=overwrite, attrs=attrs) as run:
             for name in first:
                 first.copy(first[name], run, name)
-            for name in [f"kernel/{kernel}/{block}" for kernel in run.get("kernel", {}) for block in SHARDED]:
+            kernels = [layout.kernel(kernel) for kernel in run.get(layout.KERNEL, {})]
+            for name in [f"{kernel}/{block}" for kernel in kernels for block in layout.SHARDED]:
                 if name in run:
                     _sum_rows(run[name], [f[name] for f in files])
     for shard in shards:

@@ -9,11 +9,12 @@ import h5py
 import numpy as np
 
 from ntk_explain.errors import BadInputError, first_line
+from ntk_explain.store import layout
 from ntk_explain.store.attrs import H5_ERRORS, py_value
 
 
 class _Damaged(Exception):
-    """A run file whose layout breaks SPEC §6; reported by `check_layout` with the file's name."""
+    """A run file whose layout breaks `layout`'s; reported by `check_layout` with the file's name."""
 
 
 # The datasets that readers rely on: dtype kinds and axes. A dataset present must have these axes, and an axis the
@@ -24,12 +25,12 @@ _DATA_AXES = {"labels": ("iu", "{split}"), "index": ("iu", "{split}"), "nn_logit
 
 
 _KERNEL_AXES = {
-    "diag_train": ("f", "{train}", "{g} …"),
-    "train_train": ("f", "{train}", "{train}", "{g} …"),
-    "test_train": ("f", "test", "{train}", "{g} …"),
-    "diag_test": ("f", "test", "{g} …"),
-    "features/train": ("fu", "{train}", "{g} outputs", "{g} proj"),
-    "features/test": ("fu", "test", "{g} outputs", "{g} proj"),
+    layout.diag("train"): ("f", "{train}", "{g} …"),
+    layout.block("train"): ("f", "{train}", "{train}", "{g} …"),
+    layout.block("test"): ("f", "test", "{train}", "{g} …"),
+    layout.diag("test"): ("f", "test", "{g} …"),
+    layout.features("train"): ("fu", "{train}", "{g} outputs", "{g} proj"),
+    layout.features("test"): ("fu", "test", "{g} outputs", "{g} proj"),
     "full_train": ("f", "train", "{train}"),
     "diag_full": ("f", "train"),
 }
@@ -76,19 +77,19 @@ def _check_classes(ds: h5py.Dataset | None, classes: object) -> None:
 
 def check_layout(f: h5py.File, path: Path) -> None:
     """Refuse a damaged run file before a reader trips over it: every object's metadata readable, and the datasets of
-    /data, /kernel/* and /distill that are present with the axes of SPEC §6, of the same sizes wherever they appear.
+    /data, /kernel/* and /distill that are present with the axes of `layout`, of the same sizes wherever they appear.
     Reads metadata and the labels, not the kernels."""
     try:
         _read_metadata("/", f)
         f.visititems(_read_metadata)
-        groups = {f"data/{split}": (_DATA_AXES, {"split": split}) for split in ("train", "test")}
-        for name in f["kernel"] if isinstance(f.get("kernel"), h5py.Group) else ():
-            if "kernel" not in f[f"kernel/{name}"].attrs:  # not (yet) a kernel that readers would read
+        groups = {layout.data(split): (_DATA_AXES, {"split": split}) for split in layout.SPLITS}
+        for name in f[layout.KERNEL] if isinstance(f.get(layout.KERNEL), h5py.Group) else ():
+            if "kernel" not in f[layout.kernel(name)].attrs:  # not (yet) a kernel that readers would read
                 continue
-            distilled = py_value(f[f"kernel/{name}"].attrs.get("support", "")) == "distill"
-            train = f"/kernel/{name} support" if distilled else "train"
-            groups[f"kernel/{name}"] = (_KERNEL_AXES, {"g": f"/kernel/{name}", "train": train})
-        groups["distill"] = (_DISTILL_AXES, {"train": "/kernel/distilled support"})
+            distilled = py_value(f[layout.kernel(name)].attrs.get("support", "")) == layout.DISTILL
+            train = f"/{layout.kernel(name)} support" if distilled else "train"
+            groups[layout.kernel(name)] = (_KERNEL_AXES, {"g": f"/{layout.kernel(name)}", "train": train})
+        groups[layout.DISTILL] = (_DISTILL_AXES, {"train": f"/{layout.kernel(layout.DISTILLED)} support"})
         sizes: dict[str, object] = {}
         for name, (specs, names) in groups.items():
             group = f.get(name)
@@ -96,7 +97,8 @@ def check_layout(f: h5py.File, path: Path) -> None:
                 raise _Damaged(f"/{name} is not a group")
             if group is not None:
                 _bind(sizes, group, specs, **names)
-        for name in ("data/train/labels", "data/test/labels", "distill/classes"):
+        labels = [f"{layout.data(split)}/labels" for split in layout.SPLITS]
+        for name in [*labels, f"{layout.DISTILL}/classes"]:
             _check_classes(f.get(name), sizes.get("classes"))
     except _Damaged as exc:
         raise BadInputError(f"{path}: damaged run file: {exc}") from None

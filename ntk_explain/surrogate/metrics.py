@@ -1,4 +1,5 @@
-"""Faithfulness of a surrogate to the network it explains (SPEC §3): pure numpy functions."""
+"""Faithfulness of a surrogate to the network it explains: rank agreement of their probabilities, accuracies and
+agreement, the overlap of their misses, and the fit of their logits; pure numpy functions."""
 
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def faithfulness(nn_logits: np.ndarray, surrogate_logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Every metric of SPEC §3 (keys: METRIC_NAMES) for the network's and the surrogate's logits (M, C) on M points.
+    """Every metric (keys: METRIC_NAMES) for the network's and the surrogate's logits (M, C) on M points.
 
     kendall_tau(_true_class): τ-b between the surrogate's and the network's softmax probabilities of the network's
     predicted (the true) class, over the points where neither is exactly 0 or 1; the others are counted in
