@@ -6,7 +6,8 @@ The public API, imported on first use (so that `import ntk_explain` stays light)
   `compute_kernel` (one kernel of in-memory inputs into an open run file);
 - options: `InputSpec`, `KernelSpec`, `Resources`, `Budget`, `AttributeSpec`, `SurrogateSpec`, `DistillSpec`,
   `KipSettings`, `Execution`;
-- run files: `create_run`, `open_run`, `read_kernel`, `read_features`, `faithfulness`, `summarize`, `root_attrs`;
+- run files: `create_run`, `open_run`, `read_kernel`, `read_features`, `read_attribution`, `faithfulness`,
+  `summarize`, `root_attrs`;
 - estimators: `KernelGLM`, `KernelRidge`, `FeatureKernel`;
 - models, data and features: `ModelAdapter`, `Batch`, `load_model`, `load_dataset`, `zoo`, `featurizer` (and its
   `SKETCH_PROBE` rows), `plan_tangents`, `tangent_factors`, `gram`, `cosine_normalize`;
@@ -36,8 +37,9 @@ _EXPORTS = {
     "KipSettings": "ntk_explain.options",
     "create_run": "ntk_explain.store",
     "open_run": "ntk_explain.store",
-    "read_kernel": "ntk_explain.store",
+    "read_kernel": "ntk_explain.kernel.read",
     "read_features": "ntk_explain.store",
+    "read_attribution": "ntk_explain.store",
     "faithfulness": "ntk_explain.store",
     "summarize": "ntk_explain.store",
     "root_attrs": "ntk_explain.store",
@@ -58,6 +60,7 @@ _EXPORTS = {
     "retain_freed_memory": "ntk_explain.resources",
     "zoo": "ntk_explain.loading.zoo",
 }
+_MODULES = {"zoo"}  # exported as the module itself
 __all__ = ["__version__", *_EXPORTS]
 
 
@@ -65,7 +68,7 @@ def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'ntk_explain' has no attribute {name!r}")
     module = importlib.import_module(_EXPORTS[name])
-    value = module if _EXPORTS[name].endswith(f".{name}") else getattr(module, name)
+    value = module if name in _MODULES else getattr(module, name)
     globals()[name] = value
     return value
 

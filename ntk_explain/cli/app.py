@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import signal
 import sys
 import warnings
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ntk_explain.cli.options import Debug, Json, Quiet, gathered
-from ntk_explain.errors import NtkExplainError, OutOfMemoryError
+from ntk_explain.errors import NtkExplainError, OutOfMemoryError, first_line
 from ntk_explain.resources import retain_freed_memory
 
 app = typer.Typer(
@@ -41,6 +42,19 @@ class Output:
     quiet: bool = False
     as_json: bool = False
     debug: bool = False
+
+
+def report(summary: dict, output: Output, describe: Callable[[dict], None]) -> None:
+    """A stage's summary: one JSON object with --json; else, unless --quiet, `describe(summary)`, or a line saying
+    that the stage had nothing to do (a finished run of the same request, under --resume)."""
+    if output.as_json:
+        typer.echo(json.dumps(summary, default=str))
+    elif output.quiet:
+        return
+    elif summary.get("skipped"):
+        typer.echo(f"{summary['out']} is done already with these options: nothing to do")
+    else:
+        describe(summary)
 
 
 def reported(command: Callable) -> Callable:
@@ -68,13 +82,12 @@ def reported(command: Callable) -> Callable:
 
 def _exit_code(error: Exception) -> int:
     if isinstance(error, NtkExplainError):
-        message, code = str(error), error.exit_code
+        message, code = first_line(error), error.exit_code
     elif isinstance(error, MemoryError) or _torch_out_of_memory(error):
         message, code = "out of memory: lower --max-memory or --batch-size", OutOfMemoryError.exit_code
     else:
-        message, code = f"unexpected failure: {type(error).__name__}: {error} (rerun with --debug)", 1
-    first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
-    stderr.print(f"error: {first_line}", style="red", highlight=False, markup=False, soft_wrap=True)
+        message, code = f"unexpected failure: {type(error).__name__}: {first_line(error)} (rerun with --debug)", 1
+    stderr.print(f"error: {message}", style="red", highlight=False, markup=False, soft_wrap=True)
     return code
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ntk_explain.cli.app import Output, app, progress_bar, reported, stdout
+from ntk_explain.cli.app import Output, app, progress_bar, report, reported, stdout
 from ntk_explain.cli.options import (
     ClassWeight,
     FitOn,
@@ -66,7 +65,4 @@ def attribute(
     spec = AttributeSpec(kernel, fit, top_k, all_classes)
     with progress_bar(output.quiet) as progress:
         summary = run_attribute(run, spec, resources, replace(how, progress=progress))
-    if output.as_json:
-        typer.echo(json.dumps(summary, default=str))
-    elif not output.quiet:
-        stdout.print(metrics_table(summary["faithfulness"]))
+    report(summary, output, lambda done: stdout.print(metrics_table(done["faithfulness"])))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ntk_explain.cli.app import Output, app, progress_bar, reported
+from ntk_explain.cli.app import Output, app, progress_bar, report, reported
 from ntk_explain.cli.options import (
     FeatureDType,
     ProjectionKind,
@@ -25,17 +24,16 @@ from ntk_explain.stages.execution import Execution
 
 def report_compute(summary: dict, output: Output) -> None:
     """The summary of compute, from rank 0 alone under torchrun."""
-    if summary.get("rank", 0) > 0:
-        return
-    if output.as_json:
-        typer.echo(json.dumps(summary, default=str))
-    elif not output.quiet:
-        kernels = ", ".join(summary["kernels"])
-        typer.echo(
-            f"wrote {summary['out']}: {kernels} for {summary['n_train']} train"
-            f"{' and ' + str(summary['n_test']) + ' test' if 'n_test' in summary else ''} points"
-            f" in {summary['seconds']:.1f}s"
-        )
+    if summary.get("rank", 0) == 0:
+        report(summary, output, _describe)
+
+
+def _describe(summary: dict) -> None:
+    n_test = f" and {summary['n_test']} test" if "n_test" in summary else ""
+    typer.echo(
+        f"wrote {summary['out']}: {', '.join(summary['kernels'])} for {summary['n_train']} train{n_test} points"
+        f" in {summary['seconds']:.1f}s"
+    )
 
 
 @app.command()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ntk_explain.cli.app import Output, app, progress_bar, reported
+from ntk_explain.cli.app import Output, app, progress_bar, report, reported
 from ntk_explain.cli.options import (
     Method,
     ProjectionKind,
@@ -76,10 +75,11 @@ def distill(
     )
     with progress_bar(output.quiet) as progress:
         summary = run_distill(inputs, spec, plan, out, resources, replace(how, progress=progress), export)
-    if output.as_json:
-        typer.echo(json.dumps(summary, default=str))
-    elif not output.quiet:
-        typer.echo(
-            f"wrote {out}: {summary['method']} support of {summary['m']} points for {summary['n_train']} "
-            f"({summary['reduction']:.1f}× fewer), {summary['jacobians']} Jacobians in {summary['seconds']:.1f}s"
-        )
+    report(summary, output, _describe)
+
+
+def _describe(summary: dict) -> None:
+    typer.echo(
+        f"wrote {summary['out']}: {summary['method']} support of {summary['m']} points for {summary['n_train']} "
+        f"({summary['reduction']:.1f}× fewer), {summary['jacobians']} Jacobians in {summary['seconds']:.1f}s"
+    )

@@ -39,8 +39,6 @@ class LoadedModel:
     """A model in eval() mode with the provenance recorded in run files."""
 
     module: nn.Module
-    spec: str
-    kwargs: dict
     model_sha256: str
     weights_sha256: str | None
 
@@ -287,8 +285,6 @@ def load_model(spec: str, kwargs: dict | None = None, weights: str | None = None
         model_sha256 = hashlib.sha256(json.dumps({"spec": spec, "kwargs": kwargs}, sort_keys=True).encode()).hexdigest()
     return LoadedModel(
         module=module.eval(),
-        spec=spec,
-        kwargs=kwargs,
         model_sha256=model_sha256,
         weights_sha256=sha256_file(weights) if weights is not None else sha256_files(bundled),
     )

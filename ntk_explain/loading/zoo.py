@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ntk_explain.loading.adapter import ModelAdapter
+
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.2
 
@@ -84,12 +86,12 @@ def train_classifier(
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn, logits = nn.CrossEntropyLoss(), ModelAdapter(model)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator).to(x.device)
         for batch in order.split(batch_size):
             optimizer.zero_grad()
-            loss_fn(model(x[batch]), y[batch]).backward()
+            loss_fn(logits(x[batch]), y[batch]).backward()
             optimizer.step()
     return model.eval()

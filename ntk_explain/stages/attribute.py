@@ -21,9 +21,9 @@ from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
 from ntk_explain.kernel.normalize import cosine_features, cosine_normalize
 from ntk_explain.options import DISTILL_METRICS, AttributeSpec, Budget, Resources, SurrogateSpec
 from ntk_explain.resources import budget as resolve_budget
-from ntk_explain.stages.compute import kept_partial
 from ntk_explain.stages.execution import Execution, Progress
 from ntk_explain.stages.kernels import chunk_tile, rows_dataset
+from ntk_explain.stages.resume import finished, kept_partial
 from ntk_explain.stages.rows import resumable_tiles
 from ntk_explain.store import layout
 from ntk_explain.surrogate.attribution import all_class_scores, attribution_scores, extremes
@@ -224,11 +224,16 @@ def attribute(path: str | Path, spec: AttributeSpec, resources: Resources, how: 
     predictor). An interrupt keeps the partial copy of the run file; `how.resume` continues it (the same request):
     the stored fit is reused and the row blocks already checkpointed are kept, giving the numbers of an uninterrupted
     run."""
+    path = Path(path)
+    with store.open_run(path) as run:
+        surrogate_group = layout.within(_target(run, spec).parent.name.strip("/"), layout.SURROGATE)
+    if finished(path, surrogate_group, spec.to_params(), how):
+        return {"out": str(path), "skipped": True}
     budget = resolve_budget(resources)
     try:
-        return _attribute(Path(path), spec, budget, how)
+        return _attribute(path, spec, budget, how)
     except KeyboardInterrupt:
-        raise kept_partial(Path(path)) from None
+        raise kept_partial(path) from None
 
 
 def _attribute(path: Path, spec: AttributeSpec, budget: Budget, how: Execution) -> dict:
@@ -253,6 +258,7 @@ def _attribute(path: Path, spec: AttributeSpec, budget: Budget, how: Execution) 
             train_logits = surrogate.decision_function(kernel).cpu().numpy()
             store.write_array(fitted_group, "logits_train", train_logits, ("train", "class"))
         del fitted_group.attrs["fitted"]
+        store.set_attrs(fitted_group, {"request": spec.to_params()})  # what `finished` compares
         metrics = faithfulness(nn_logits, logits, explained["labels"][()])
         if target.distilled is not None:
             metrics.update({key: target.distilled.attrs.get(key, np.nan) for key in DISTILL_METRICS})

@@ -13,8 +13,9 @@ from ntk_explain.errors import UsageError
 from ntk_explain.options import Budget, InputSpec, KernelSpec, Resources, Shard
 from ntk_explain.stages import distributed
 from ntk_explain.stages.execution import Execution, Progress
-from ntk_explain.stages.inputs import Inputs, load_inputs, resumed_resources
+from ntk_explain.stages.inputs import HASHES, Inputs, load_inputs
 from ntk_explain.stages.kernels import compute_kernel, network_logits, write_data
+from ntk_explain.stages.resume import finished, kept_partial, resumed_resources
 
 
 def compute(
@@ -33,20 +34,27 @@ def compute(
     if not kernels:
         raise UsageError("--kernel: expected at least one kernel")
     overwrite, resume = how.overwrite, how.resume
-    store.check_target(out, overwrite=overwrite)
+    store.check_target(out, overwrite=overwrite or resume)  # a finished run of the same request is skipped
     shard = distributed.from_environment()
     written = out if shard.world == 1 else store.shard_path(out, shard.rank, shard.world)
     budget = devices.budget(resumed_resources(resources, written) if resume else resources, shard)
     loaded = load_inputs(inputs, budget, _kernel_options(kernels), kernels[0].seed)
+    request = {
+        "inputs": inputs.to_params(),
+        "kernels": [spec.to_params() for spec in kernels],
+        **{key: loaded.attrs[key] for key in HASHES},
+    }
+    if finished(out, "/", request, how):
+        return {"out": str(out), "skipped": True}
     began = time.perf_counter()
     summary: dict = {"out": str(out), "device": str(budget.device), "classes": loaded.classes, "kernels": {}}
     if shard.world > 1:
         summary.update(rank=shard.rank, world_size=shard.world)
         distributed.start(shard, budget.device)
     try:
-        run = store.create_run(
-            written, overwrite=overwrite or shard.world > 1, attrs=loaded.attrs, resumable=True, resume=resume
-        )
+        attrs = {**loaded.attrs, "request": request}
+        replace = overwrite or shard.world > 1
+        run = store.create_run(written, overwrite=replace, attrs=attrs, resumable=True, resume=resume)
         with run as f:
             summary["resumed"] = int(f.attrs.get("resumed", 0))
             _write_kernels(f, loaded, kernels, budget, how.progress, summary)
@@ -94,9 +102,3 @@ def _join(out: Path, shard: Shard, overwrite: bool) -> None:
         shards = [store.shard_path(out, rank, shard.world) for rank in range(shard.world)]
         store.join_shards(out, shards, overwrite=overwrite)
     distributed.barrier(shard)
-
-
-def kept_partial(path: Path) -> KeyboardInterrupt:
-    """The interrupt of a resumable stage, naming the partial file it keeps (if it got as far as making one)."""
-    partial = store.partial_path(path)
-    return KeyboardInterrupt(f"the partial run is kept in {partial}; --resume continues it" if partial.exists() else "")

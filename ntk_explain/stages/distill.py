@@ -20,20 +20,20 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ntk_explain import store
-from ntk_explain.distill.kip import KIP, KipTargets
-from ntk_explain.distill.spectra import centred, class_ranks, kernel_alignment, nearest, predictor_kernel
-from ntk_explain.distill.support import allocate, centred_one_hot, gradient_support, select
+from ntk_explain.distillation.kip import KIP, KipTargets
+from ntk_explain.distillation.spectra import centred, class_ranks, kernel_alignment, nearest, predictor_kernel
+from ntk_explain.distillation.support import allocate, centred_one_hot, gradient_support, select
 from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
 from ntk_explain.features.featurizer import SKETCH_PROBE, Featurizer, featurizer
 from ntk_explain.kernel.normalize import unit_rows
 from ntk_explain.loading.adapter import Batch
 from ntk_explain.options import DEFAULT_REDUCTION, Budget, DistillSpec, InputSpec, KernelSpec, Resources
 from ntk_explain.resources import budget as resolve_budget
-from ntk_explain.stages.compute import kept_partial
 from ntk_explain.stages.distill_state import load_kip, save_kip, stored_features
 from ntk_explain.stages.execution import Execution, Progress
-from ntk_explain.stages.inputs import Inputs, load_inputs, resumed_resources
+from ntk_explain.stages.inputs import HASHES, Inputs, load_inputs
 from ntk_explain.stages.kernels import feature_kernel, kernel_attrs, network_logits, tile_size, write_data
+from ntk_explain.stages.resume import finished, kept_partial, resumed_resources
 from ntk_explain.store import layout
 
 RANK_EPS = (0.01, 0.05)
@@ -59,16 +59,31 @@ def distill(
     budget = resolve_budget(resumed_resources(resources, out) if resume else resources)
     options = {"kernel": [kernel.name], "projection": kernel.projection, "proj_dim": kernel.proj_dim}
     loaded = load_inputs(inputs, budget, {**options, "distill": spec.to_params()}, kernel.seed)
-    request = {"inputs": inputs.to_params(), "kernel": kernel.to_params(), "distill": spec.to_params()}
+    request = {
+        "inputs": inputs.to_params(),
+        "kernel": kernel.to_params(),
+        "distill": spec.to_params(),
+        **{key: loaded.attrs[key] for key in HASHES},
+    }
+    if finished(out, layout.DISTILL, request, how):
+        summary = {"out": str(out), "skipped": True}
+    else:
+        summary = _distill(out, loaded, kernel, spec, request, how)
+    if export is not None:
+        export_support(out, export)
+    return summary
+
+
+def _distill(out: Path, loaded: Inputs, kernel: KernelSpec, spec: DistillSpec, request: dict, how: Execution) -> dict:
+    overwrite, resume = how.overwrite, how.resume
     try:
         with distill_target(out, loaded, overwrite, request, resume) as run:
             with store.scratch(out, request, resume=resume) as scratch:
                 summary = distill_support(run, scratch, loaded, kernel, spec, how.progress)
-            store.set_attrs(run[layout.DISTILL], {key: loaded.attrs[key] for key in ("command", "params", "created")})
+            recorded = {key: loaded.attrs[key] for key in ("command", "params", "created")}
+            store.set_attrs(run[layout.DISTILL], {**recorded, "request": request})
     except KeyboardInterrupt:
         raise kept_partial(out) from None
-    if export is not None:
-        export_support(out, export)
     return {"out": str(out), **summary}
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ntk_explain import store
-from ntk_explain.distill.kip import KipState
+from ntk_explain.distillation.kip import KipState
 from ntk_explain.features.featurizer import Featurizer
 from ntk_explain.loading.adapter import Batch
 from ntk_explain.options import Budget

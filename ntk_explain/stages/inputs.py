@@ -4,8 +4,7 @@ and the provenance of the run."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
@@ -13,7 +12,9 @@ from ntk_explain import store
 from ntk_explain.loading.adapter import ModelAdapter
 from ntk_explain.loading.data import Dataset, load_dataset
 from ntk_explain.loading.models import check_model_on_data, load_model
-from ntk_explain.options import Budget, InputSpec, Resources
+from ntk_explain.options import Budget, InputSpec
+
+HASHES = ("model_sha256", "weights_sha256", "data_sha256")  # the root attributes that identify model and data
 
 
 @dataclass
@@ -54,18 +55,3 @@ def load_inputs(spec: InputSpec, budget: Budget, options: dict, seed: int) -> In
         sys.argv, params, str(budget.device), seed, loaded.model_sha256, loaded.weights_sha256, digests
     )
     return Inputs(net, data, budget, classes, attrs)
-
-
-def resumed_resources(resources: Resources, written: Path) -> Resources:
-    """The resources of a resumed run writing `written`: the memory budget, batch size and tile it recorded, unless
-    given again (so its tiles, and therefore its numbers, stay the same)."""
-    recorded = store.partial_params(written)
-    if not recorded:
-        return resources
-    batch = recorded.get("batch_size")
-    return replace(
-        resources,
-        max_memory=resources.max_memory or str(recorded["max_memory"]),
-        batch_size=resources.batch_size or (batch if isinstance(batch, int) else None),
-        tile=resources.tile or recorded.get("tile"),
-    )

@@ -12,7 +12,7 @@ from ntk_explain.store.arrays import (
     tiles_done,
     write_array,
 )
-from ntk_explain.store.attrs import FORMAT_VERSION, attrs_dict, mark, provenance, set_attrs
+from ntk_explain.store.attrs import FORMAT_VERSION, attrs_dict, mark, provenance, set_attrs, storable
 from ntk_explain.store.files import (
     RESUME_KEYS,
     check_target,
@@ -25,7 +25,16 @@ from ntk_explain.store.files import (
     update_run,
 )
 from ntk_explain.store.layout import SHARDED
-from ntk_explain.store.read import faithfulness, group_attrs, read_kernel, root_attrs, summarize
+from ntk_explain.store.read import (
+    faithfulness,
+    group_attrs,
+    kernel_block,
+    read_attribution,
+    root_attrs,
+    saved_request,
+    self_kernels,
+    summarize,
+)
 from ntk_explain.store.shards import join_shards, shard_path
 
 H5File, H5Group, H5Dataset = h5py.File, h5py.Group, h5py.Dataset  # the types the stages are handed
@@ -47,18 +56,22 @@ __all__ = [
     "features_dataset",
     "group_attrs",
     "join_shards",
+    "kernel_block",
     "mark",
     "open_run",
     "partial_params",
     "partial_path",
     "provenance",
+    "read_attribution",
     "read_features",
-    "read_kernel",
     "root_attrs",
+    "saved_request",
     "scratch",
     "scratch_path",
+    "self_kernels",
     "set_attrs",
     "shard_path",
+    "storable",
     "summarize",
     "tiles_done",
     "update_run",

@@ -53,7 +53,7 @@ def open_hdf5(path: Path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode, rdcc_nbytes=CACHE_BYTES)
     except OSError as exc:
-        reason = "not an HDF5 file" if not h5py.is_hdf5(path) else str(exc).splitlines()[0]
+        reason = "not an HDF5 file" if not h5py.is_hdf5(path) else first_line(exc)
         raise BadInputError(f"{path}: cannot open run file: {reason}") from exc
 
 
@@ -306,7 +306,7 @@ def scratch(path: str | os.PathLike, request: Mapping[str, Any], *, resume: bool
     """A side file (`scratch_path`) for the intermediate state of a stage writing `path`, made anew, or with `resume`
     reopened when an interrupted run of the same `request` kept it (another request is refused, the file unchanged).
     It is deleted once the stage is done or fails, and kept after an interrupt (KeyboardInterrupt) or a kill."""
-    tmp, text = scratch_path(path), json.dumps(request, sort_keys=True, default=str)
+    tmp, text = scratch_path(path), storable(request)
     if resume and tmp.exists():
         f = open_hdf5(tmp, "r+")
         if py_value(f.attrs.get("request", "")) != text:

@@ -1,4 +1,4 @@
-"""Readers of a run file: attributes, metrics, a walk of its contents, and kernels (cosine-normalised on request)."""
+"""Readers of a run file: attributes, metrics, a walk of its contents, and kernel blocks as stored."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import h5py
 import numpy as np
 
 from ntk_explain.errors import BadInputError
-from ntk_explain.kernel.normalize import cosine_normalize
 from ntk_explain.store import layout
-from ntk_explain.store.attrs import attrs_dict
+from ntk_explain.store.attrs import attrs_dict, py_value
 from ntk_explain.store.files import open_run
 
 # Root attributes shown by `info`; the others (params, hashes, versions) are in `info --json`.
@@ -32,6 +31,16 @@ def group_attrs(path: str | os.PathLike, group: str) -> dict[str, Any]:
         return attrs_dict(f[group])
 
 
+def saved_request(path: str | os.PathLike, group: str) -> str | None:
+    """The request (JSON) that the stage which finished `group` of the run file `path` recorded on it (attribute
+    ``request``); None when the file, the group or the record is absent."""
+    if not Path(path).is_file():
+        return None
+    with open_run(path) as f:
+        obj = f.get(group)
+        return py_value(obj.attrs["request"]) if obj is not None and "request" in obj.attrs else None
+
+
 def faithfulness(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The attributes of /faithfulness and /distill/faithfulness, those present; neither is bad input."""
     with open_run(path) as f:
@@ -40,6 +49,18 @@ def faithfulness(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     if not found:
         raise BadInputError(f"{path} has no /faithfulness (run the stage that writes it first)")
     return found
+
+
+def read_attribution(path: str | os.PathLike, distilled: bool = False) -> dict[str, np.ndarray]:
+    """Every dataset of /attribution (of /distill/attribution with ``distilled``) by name: ``scores`` (M, N) (or
+    (M, N, C) with every class), ``class`` (M,) the explained class, ``topk_index``/``topk_score`` (M, k) the
+    proponents, ``opp_index``/``opp_score`` (M, k) the opponents."""
+    name = layout.within(layout.DISTILL, layout.ATTRIBUTION) if distilled else layout.ATTRIBUTION
+    with open_run(path) as f:
+        group = f.get(name)
+        if not isinstance(group, h5py.Group):
+            raise BadInputError(f"{path} has no /{name} (run attribute first)")
+        return {key: ds[()] for key, ds in group.items() if isinstance(ds, h5py.Dataset)}
 
 
 def summarize(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -79,22 +100,32 @@ def _kernel_dataset(f: h5py.File, path: Path, name: str, key: str) -> np.ndarray
     return ds[()]
 
 
-def read_kernel(path: str | os.PathLike, name: str, block: str = "train_train", normalize: bool = False) -> np.ndarray:
-    """Read ``/kernel/<name>/<block>``; with ``normalize`` apply cosine normalisation on read.
+def _complete_kernel(f: h5py.File, path: Path, name: str, key: str) -> np.ndarray:
+    """One dataset of ``/kernel/<name>``; an incomplete kernel (attr ``complete`` false) is refused."""
+    data = _kernel_dataset(f, path, name, key)
+    if not bool(f[layout.kernel(name)].attrs.get("complete", True)):
+        raise BadInputError(f"{path}: kernel {name!r} is incomplete; rerun compute with --resume")
+    return data
 
-    ``block`` is "train_train" or "test_train" (rows = test points, columns = train points).
-    An incomplete kernel (attr ``complete`` false) is refused.
-    """
+
+def _check_block(block: str) -> None:
     if block not in layout.BLOCKS:
         raise BadInputError(f"unknown kernel block {block!r} (expected one of {', '.join(layout.BLOCKS)})")
+
+
+def kernel_block(path: str | os.PathLike, name: str, block: str = "train_train") -> np.ndarray:
+    """The stored ``/kernel/<name>/<block>`` as computed: "train_train" or "test_train" (rows = test points, columns =
+    train points)."""
+    _check_block(block)
+    with open_run(path) as f:
+        return _complete_kernel(f, Path(path), name, block)
+
+
+def self_kernels(path: str | os.PathLike, name: str, block: str = "train_train") -> tuple[np.ndarray, np.ndarray]:
+    """The self-kernels of the rows and of the columns of ``block`` (the ``diag_<split>`` datasets)."""
+    _check_block(block)
     path = Path(path)
     with open_run(path) as f:
-        kernel = _kernel_dataset(f, path, name, block)
-        if not bool(f[layout.kernel(name)].attrs.get("complete", True)):
-            raise BadInputError(f"{path}: kernel {name!r} is incomplete; rerun compute with --resume")
-        if not normalize:
-            return kernel
-        diag_cols = _kernel_dataset(f, path, name, layout.diag("train"))
+        columns = _complete_kernel(f, path, name, layout.diag("train"))
         rows = layout.SPLITS[layout.BLOCKS.index(block)]
-        diag_rows = diag_cols if rows == "train" else _kernel_dataset(f, path, name, layout.diag(rows))
-    return cosine_normalize(kernel, diag_rows, diag_cols)
+        return (columns if rows == "train" else _kernel_dataset(f, path, name, layout.diag(rows))), columns

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ntk_explain import store
-from tests.test_cli import _env, float64_cnn_compute
+from tests.processes import cli_env, float64_cnn_compute
 
 CONFIGS = {
     "exact": ["--kernel", "trace,pseudo"],
@@ -25,7 +25,7 @@ def _run(cwd: Path, args: list[str], ranks: int) -> None:
     done = subprocess.run(
         [sys.executable, *launcher, "-m", "ntk_explain", *args],
         cwd=cwd,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=300,

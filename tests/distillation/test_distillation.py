@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ntk_explain.cli import app
-from ntk_explain.distill.kip import KIP, kip_loss
-from ntk_explain.distill.spectra import (
+from ntk_explain.distillation.kip import KIP, kip_loss
+from ntk_explain.distillation.spectra import (
     centred,
     class_ranks,
     effective_rank,
@@ -19,7 +19,7 @@ from ntk_explain.distill.spectra import (
     predictor_kernel,
     rank_at,
 )
-from ntk_explain.distill.support import allocate, centred_one_hot, gradient_support, select
+from ntk_explain.distillation.support import allocate, centred_one_hot, gradient_support, select
 from ntk_explain.features.featurizer import featurizer
 from ntk_explain.options import SELECTIONS, Budget, KernelSpec
 from tests.models import mlp

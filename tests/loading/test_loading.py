@@ -7,7 +7,6 @@ import pickle
 import zipfile
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -21,6 +20,7 @@ from ntk_explain.loading import zoo
 from ntk_explain.loading.data import load_dataset
 from ntk_explain.loading.files import sha256_file
 from ntk_explain.loading.models import check_model_on_data, load_model
+from tests.processes import write_arrays
 
 FACTORIES = """
 import torch
@@ -63,18 +63,6 @@ def arrays(n: int = 12) -> tuple[np.ndarray, np.ndarray]:
     return rng.random((n, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, n).astype(np.int64)
 
 
-def write(path: Path, **named: np.ndarray) -> str:
-    if path.suffix == ".npz":
-        np.savez(path, **named)
-    elif path.suffix == ".safetensors":
-        safetensors.numpy.save_file(named, path)
-    else:
-        with h5py.File(path, "w") as f:
-            for key, value in named.items():
-                f[key] = value
-    return str(path)
-
-
 def raises_bad(match: str):
     return pytest.raises(BadInputError, match=match)
 
@@ -109,7 +97,7 @@ def export(model: nn.Module, path: Path) -> str:
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".h5", ".hdf5"])
 def test_file_formats_round_trip(tmp_path: Path, suffix: str) -> None:
     x, y = arrays()
-    path = write(tmp_path / f"data{suffix}", x=x, y=y, other=np.zeros(3))
+    path = write_arrays(tmp_path / f"data{suffix}", x=x, y=y, other=np.zeros(3))
     data = load_dataset(path, "train")
     assert torch.equal(data.x, torch.from_numpy(x))
     assert data.y.dtype == torch.int64 and torch.equal(data.y, torch.from_numpy(y))
@@ -121,7 +109,7 @@ def test_file_formats_round_trip(tmp_path: Path, suffix: str) -> None:
 
 def test_keys_dtype_limit_and_integral_float_labels(tmp_path: Path) -> None:
     x, y = arrays()
-    path = write(tmp_path / "d.npz", images=x.astype(np.float64) * 255, labels=y.astype(np.float32))
+    path = write_arrays(tmp_path / "d.npz", images=x.astype(np.float64) * 255, labels=y.astype(np.float32))
     data = load_dataset(path, "test", x_key="images", y_key="labels", dtype=torch.float64, limit=5)
     assert data.x.dtype == torch.float64 and data.x.shape == (5, 1, 8, 8)
     assert torch.equal(data.x, torch.from_numpy(x[:5].astype(np.float64) * 255))
@@ -134,7 +122,7 @@ def test_keys_dtype_limit_and_integral_float_labels(tmp_path: Path) -> None:
 
 def test_h5_arrays_in_groups(tmp_path: Path) -> None:
     x, y = arrays()
-    path = write(tmp_path / "d.h5", **{"set/x": x, "set/y": y})
+    path = write_arrays(tmp_path / "d.h5", **{"set/x": x, "set/y": y})
     assert torch.equal(load_dataset(path, "train", x_key="set/x", y_key="set/y").x, torch.from_numpy(x))
 
 
@@ -172,16 +160,19 @@ def bad_data_cases(tmp_path: Path) -> dict[str, tuple[str, str]]:
         "corrupt safetensors": (str(tmp_path / "corrupt.safetensors"), "cannot read"),
         "corrupt h5": (str(tmp_path / "corrupt.h5"), "cannot read"),
         "unknown extension": (str(tmp_path / "d.csv"), "unknown format '.csv'"),
-        "missing key": (write(tmp_path / "k.npz", x=x, z=y), r"no array named y \(arrays present: x, z\)"),
-        "length": (write(tmp_path / "len.npz", x=x, y=y[:-1]), "has 12 rows but labels 'y' have 11"),
-        "empty": (write(tmp_path / "empty.npz", x=x[:0], y=y[:0]), "empty"),
-        "fractional labels": (write(tmp_path / "f.npz", x=x, y=y + 0.5), "integer class indices"),
-        "string labels": (write(tmp_path / "s.h5", x=x, y=np.array([b"a"] * 12)), "integer class indices"),
-        "negative labels": (write(tmp_path / "neg.npz", x=x, y=y - 20), "must be ≥ 0"),
-        "2-D labels": (write(tmp_path / "2d.npz", x=x, y=y[:, None]), "must be 1-D"),
-        "nan": (write(tmp_path / "nan.safetensors", x=nan_x, y=y), "NaN or infinite values in 1 rows .first: row 3"),
-        "inf": (write(tmp_path / "inf.h5", x=inf_x, y=y), "NaN or infinite values in 1 rows .first: row 5"),
-        "object array": (write(tmp_path / "obj.npz", x=np.array([{}] * 12, dtype=object), y=y), "cannot read"),
+        "missing key": (write_arrays(tmp_path / "k.npz", x=x, z=y), r"no array named y \(arrays present: x, z\)"),
+        "length": (write_arrays(tmp_path / "len.npz", x=x, y=y[:-1]), "has 12 rows but labels 'y' have 11"),
+        "empty": (write_arrays(tmp_path / "empty.npz", x=x[:0], y=y[:0]), "empty"),
+        "fractional labels": (write_arrays(tmp_path / "f.npz", x=x, y=y + 0.5), "integer class indices"),
+        "string labels": (write_arrays(tmp_path / "s.h5", x=x, y=np.array([b"a"] * 12)), "integer class indices"),
+        "negative labels": (write_arrays(tmp_path / "neg.npz", x=x, y=y - 20), "must be ≥ 0"),
+        "2-D labels": (write_arrays(tmp_path / "2d.npz", x=x, y=y[:, None]), "must be 1-D"),
+        "nan": (
+            write_arrays(tmp_path / "nan.safetensors", x=nan_x, y=y),
+            "NaN or infinite values in 1 rows .first: row 3",
+        ),
+        "inf": (write_arrays(tmp_path / "inf.h5", x=inf_x, y=y), "NaN or infinite values in 1 rows .first: row 5"),
+        "object array": (write_arrays(tmp_path / "obj.npz", x=np.array([{}] * 12, dtype=object), y=y), "cannot read"),
         "unknown zoo": ("zoo:mnist", "unknown zoo data set 'mnist'"),
         "unknown zoo split": ("zoo:digits:val", "unknown split 'val'"),
     }
@@ -207,7 +198,6 @@ def test_zoo_models_build_with_kwargs_and_hash_their_spec() -> None:
     loaded = load_model("zoo:mlp", {"hidden": [32]})
     assert not loaded.module.training and loaded.weights_sha256 is None
     assert [m.out_features for m in loaded.module if isinstance(m, nn.Linear)] == [32, 10]
-    assert loaded.kwargs == {"hidden": [32]}
     assert loaded.model_sha256 == load_model("zoo:mlp", {"hidden": [32]}).model_sha256
     assert loaded.model_sha256 != load_model("zoo:mlp").model_sha256
     assert load_model("zoo:mlp").module(torch.zeros(3, 64)).shape == (3, 10)
@@ -318,7 +308,7 @@ def test_exported_program_loads_and_gives_the_same_logits(tmp_path: Path) -> Non
     model = zoo.make_mlp().eval()
     path = export(model, tmp_path / "mlp.pt2")
     loaded = load_model(path)
-    assert loaded.model_sha256 == sha256_file(path) and loaded.kwargs == {}
+    assert loaded.model_sha256 == sha256_file(path)
     module = loaded.module
     assert module.eval() is module and not module.training
     x = torch.rand(5, 1, 8, 8)

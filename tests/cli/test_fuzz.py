@@ -35,8 +35,7 @@ from ntk_explain.loading.data import DATA_FORMATS, load_dataset
 from ntk_explain.loading.models import load_model
 from ntk_explain.options import FEATURE_DTYPES, KERNELS, PROJECTIONS
 from tests.models import mlp
-from tests.test_cli import CLASSES, _data, _trained_mlp
-from tests.test_loading import write
+from tests.processes import CLASSES, mlp_data, trained_mlp, write_arrays
 
 MODEL = "tests.models:mlp"  # 6 features, 3 classes
 FEATURES, N_TRAIN, N_TEST = 6, 6, 3
@@ -104,7 +103,7 @@ def _assert_finite(name: str, obj: h5py.Group | h5py.Dataset) -> None:
 
 
 def _state() -> dict[str, torch.Tensor]:
-    return {k: v.contiguous() for k, v in _trained_mlp().state_dict().items()}
+    return {k: v.contiguous() for k, v in trained_mlp().state_dict().items()}
 
 
 def _write_state(path: Path, state: dict) -> None:
@@ -120,8 +119,8 @@ def valid_bytes(name: str) -> bytes:
     with folder() as where:
         path = where / name
         if path.stem in ("train", "test"):
-            x, y = _data(np.random.default_rng(len(path.stem)), N_TRAIN if path.stem == "train" else N_TEST)
-            write(path, x=x, y=y)
+            x, y = mlp_data(np.random.default_rng(len(path.stem)), N_TRAIN if path.stem == "train" else N_TEST)
+            write_arrays(path, x=x, y=y)
         elif path.stem == "w":
             _write_state(path, _state())
         else:
@@ -241,7 +240,7 @@ def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
             for key, value in arrays.items():
                 f[key] = value.astype(h5py.string_dtype()) if value.dtype.kind == "U" else value
     else:
-        write(path, **{key: np.ascontiguousarray(value) for key, value in arrays.items()})
+        write_arrays(path, **{key: np.ascontiguousarray(value) for key, value in arrays.items()})
 
 
 @settings(max_examples=60, **FUZZ)

@@ -25,10 +25,10 @@ from safetensors.torch import save_file
 
 from ntk_explain import store
 from tests.models import mlp
+from tests.processes import CLASSES, mlp_data, run_cli, trained_mlp
 
-REPO = Path(__file__).resolve().parents[1]
 WORKERS = min(8, (os.cpu_count() or 1) + 2)
-N_TRAIN, N_TEST, CLASSES = 12, 5, 3
+N_TRAIN, N_TEST = 12, 5
 BASE = ["compute", "--model", "tests.models:mlp", "--train", "train.npz", "--out", "run.h5"]
 
 
@@ -36,38 +36,9 @@ BASE = ["compute", "--model", "tests.models:mlp", "--train", "train.npz", "--out
 # Helpers
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "PYTHONPATH")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="default")
-    env.update(extra or {})
-    return env
-
-
-def float64_cnn_compute(out: str, *extra: str) -> list[str]:
-    """compute arguments for the float64 test CNN on data.npz (train and test) in 8-row tiles, writing `out`."""
-    args = ["--model", "tests.models:cnn", "--train", "data.npz", "--test", "data.npz", "--out", out]
-    return ["compute", *args, "--dtype", "float64", "--tile", "8", *extra]
-
-
-def _cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ntk_explain", *args],
-        cwd=cwd,
-        env=_env(env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def _data(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    return rng.normal(size=(n, 6)), rng.integers(0, CLASSES, n)
-
-
 def _write_data(folder: Path, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    data = {"train": _data(rng, N_TRAIN), "test": _data(rng, N_TEST)}
+    data = {"train": mlp_data(rng, N_TRAIN), "test": mlp_data(rng, N_TEST)}
     for split, (x, y) in data.items():
         np.savez(folder / f"{split}.npz", x=x, y=y)
     return data
@@ -87,16 +58,6 @@ def _ok(result: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in result.stderr
 
 
-def _trained_mlp() -> torch.nn.Module:
-    """The test MLP with weights unlike the factory's, so loading them changes the logits."""
-    model = mlp()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return model
-
-
 # --------------------------------------------------------------------------------------------------
 # Happy paths
 
@@ -107,7 +68,7 @@ def _happy_jobs(root: Path) -> tuple[dict, dict]:
     for folder in folders.values():
         folder.mkdir(parents=True)
         data = _write_data(folder)
-    model = _trained_mlp()
+    model = trained_mlp()
     save_file(model.state_dict(), str(folders["st"] / "w.safetensors"))
     torch.save(model.state_dict(), folders["pt"] / "w.pt")
     test = ["--test", "test.npz"]
@@ -318,7 +279,7 @@ class Case:
 
 
 rng = np.random.default_rng(0)
-X, Y = _data(rng, N_TRAIN)
+X, Y = mlp_data(rng, N_TRAIN)
 X_NAN = X.copy()
 X_NAN[4, 2] = np.nan
 
@@ -391,11 +352,11 @@ def runs(tmp_path_factory, request):
     bad_jobs, before = _bad_jobs(root / "bad", selected)
     base = context["folders"]["base"]
     with ThreadPoolExecutor(WORKERS) as pool:
-        futures = {key: pool.submit(_cli, *job) for key, job in {**happy_jobs, **bad_jobs}.items()}
+        futures = {key: pool.submit(run_cli, *job) for key, job in {**happy_jobs, **bad_jobs}.items()}
 
         def after_base(args: list[str]) -> subprocess.CompletedProcess:
             futures["base"].result()
-            return _cli(args, base)
+            return run_cli(args, base)
 
         for key, args in (("info_json", ["info", "run.h5", "--json"]), ("info_table", ["info", "run.h5"])):
             futures[key] = pool.submit(after_base, args)
@@ -461,7 +422,7 @@ def test_a_second_process_writing_the_run_file_is_refused(happy, tmp_path):
     shutil.copyfile(happy["folders"]["base"] / "run.h5", run)
     before = _sha256(run)
     with store.update_run(run):
-        result = _cli(["attribute", "run.h5", "--quiet"], tmp_path)
+        result = run_cli(["attribute", "run.h5", "--quiet"], tmp_path)
         assert result.returncode == 3 and "another process" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and _sha256(run) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]
@@ -482,7 +443,10 @@ def test_quiet_silences_the_warnings_we_trigger(tmp_path):
     ids = ARCHITECTURES["transformer_torch"].inputs(4, 0).numpy()
     np.savez(tmp_path / "train.npz", x=ids, y=np.zeros(4, dtype=np.int64))
     args = ["compute", "--model", "tests.architectures:transformer_torch", "--train", "train.npz", "--dtype", "float64"]
-    loud, quiet = _cli([*args, "--out", "loud.h5"], tmp_path), _cli([*args, "--out", "quiet.h5", "--quiet"], tmp_path)
+    loud, quiet = (
+        run_cli([*args, "--out", "loud.h5"], tmp_path),
+        run_cli([*args, "--out", "quiet.h5", "--quiet"], tmp_path),
+    )
     _ok(loud)
     _ok(quiet)
     assert "UserWarning" in loud.stderr

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from ntk_explain import store
-from tests.test_cli import _env, float64_cnn_compute
+from tests.processes import cli_env, float64_cnn_compute
 
 N_TRAIN, N_TEST = 40, 12
 CONFIGS = {  # two kernels through the factor tiles; one through stored projected features
@@ -69,7 +69,7 @@ def _driven(cwd: Path, args: list[str], at: int, sig: str) -> tuple[int, str]:
     done = subprocess.run(
         [sys.executable, "-c", DRIVER, str(at), sig, *args],
         cwd=cwd,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=300,

@@ -24,7 +24,7 @@ from ntk_explain.loading.adapter import Batch
 from ntk_explain.loading.models import load_model
 from ntk_explain.options import Budget, KernelSpec
 from tests import reference
-from tests.architectures import ARCHITECTURES, reference_jacobian, save_tiny_bert
+from tests.architectures import ARCHITECTURES, reference_jacobian
 from tests.models import MODELS
 
 TOL = 1e-8
@@ -54,15 +54,6 @@ def _exact(j_rows: torch.Tensor, j_cols: torch.Tensor, kind: str, block: str) ->
     if block.startswith("diag"):
         return reference.self_kernel(j_rows, kind).numpy()
     return reference.kernel(j_rows, j_cols, kind).numpy()
-
-
-@pytest.fixture(scope="module")
-def hf_directory(tmp_path_factory) -> Path:
-    """A tiny randomly initialised BERT saved by `save_pretrained` (no download)."""
-    pytest.importorskip("transformers")
-    directory = tmp_path_factory.mktemp("hf") / "bert"
-    save_tiny_bert(directory)
-    return directory
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

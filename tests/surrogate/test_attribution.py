@@ -10,8 +10,8 @@ import torch
 from sklearn.linear_model import SGDClassifier
 from typer.testing import CliRunner
 
-from ntk_explain import store
 from ntk_explain.cli import app
+from ntk_explain.kernel.read import read_kernel
 from ntk_explain.surrogate.attribution import all_class_scores, attribution_scores, extremes
 from ntk_explain.surrogate.estimators import FeatureKernel, KernelGLM, KernelRidge, class_weights, glm_objective
 
@@ -127,7 +127,7 @@ def test_attribute_stage_writes_exact_scores(tmp_path, dtype, tolerance):
     np.testing.assert_array_equal(cls, nn_logits.argmax(1))
     np.testing.assert_allclose(scores.sum(1), logits[np.arange(7), cls], rtol=0, atol=tolerance)
     np.testing.assert_allclose(every.sum(1), logits, rtol=0, atol=tolerance)
-    kernel = store.read_kernel(run, "trace", "test_train", normalize=True)
+    kernel = read_kernel(run, "trace", "test_train", normalize=True)
     np.testing.assert_allclose(kernel @ W.T + b, logits, rtol=0, atol=tolerance)
     np.testing.assert_array_equal(np.take_along_axis(scores, top, 1), top_scores)
     assert (np.diff(top_scores, axis=1) <= 0).all()
@@ -184,7 +184,7 @@ def test_attribute_kernel_normalisations(tmp_path, normalize):
     run = _run_file(tmp_path, "float64")
     result = CliRunner().invoke(app, ["attribute", run, "--normalize", normalize, "--alpha", "1e-3", "--quiet"])
     assert result.exit_code == 0, result.output
-    raw = store.read_kernel(run, "trace", "test_train")
+    raw = read_kernel(run, "trace", "test_train")
     with h5py.File(run) as f:
         scale = f["kernel/trace/diag_train"][()].mean() if normalize == "scale" else 1.0
         W, b, logits = f["surrogate/W"][()], f["surrogate/b"][()], f["surrogate/logits_test"][()]
@@ -212,7 +212,7 @@ def test_projected_kernels_fit_from_their_features(tmp_path, normalize):
     run = _run_file(tmp_path, "float64", ("--kernel", "pseudo", "--projection", "gaussian", "--proj-dim", "64"))
     result = CliRunner().invoke(app, ["attribute", run, "--normalize", normalize, "--alpha", "1e-2", "--quiet"])
     assert result.exit_code == 0, result.output
-    gram = store.read_kernel(run, "pseudo-gaussian-64", "train_train", normalize=normalize == "cosine")
+    gram = read_kernel(run, "pseudo-gaussian-64", "train_train", normalize=normalize == "cosine")
     with h5py.File(run) as f:
         labels = torch.from_numpy(f["data/train/nn_logits"][()].argmax(1))
         if normalize == "scale":

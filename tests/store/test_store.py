@@ -15,6 +15,7 @@ from rich.console import Console
 from ntk_explain import __version__, store
 from ntk_explain.cli.render import info_table
 from ntk_explain.errors import BadInputError
+from ntk_explain.kernel.read import read_kernel
 
 ROOT_KEYS = {
     "format",
@@ -279,11 +280,11 @@ def test_cosine_trace(tmp_path, block):
     path = _kernel_file(tmp_path, "trace", k(gtr, gtr), k(gte, gtr), np.diag(k(gtr, gtr)), np.diag(k(gte, gte)))
     rows = gtr if block == "train_train" else gte
     raw = k(rows, gtr)
-    np.testing.assert_array_equal(store.read_kernel(path, "trace", block), raw)
+    np.testing.assert_array_equal(read_kernel(path, "trace", block), raw)
     dr, dc = np.einsum("ncp,ncp->n", rows, rows), np.einsum("ncp,ncp->n", gtr, gtr)
     with np.errstate(invalid="ignore", divide="ignore"):
         expected = np.nan_to_num(raw / np.sqrt(np.outer(dr, dc)))
-    got = store.read_kernel(path, "trace", block, normalize=True)
+    got = read_kernel(path, "trace", block, normalize=True)
     assert not np.isnan(got).any()
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
     assert np.all(got[1] == 0) and np.all(got[:, 1] == 0)
@@ -297,7 +298,7 @@ def test_cosine_diagonal(tmp_path):
     k = lambda a, b: np.einsum("ncp,mcp->nmc", a, b)  # noqa: E731
     dtr, dte = np.einsum("ncp,ncp->nc", gtr, gtr), np.einsum("ncp,ncp->nc", gte, gte)
     path = _kernel_file(tmp_path, "diagonal", k(gtr, gtr), k(gte, gtr), dtr, dte)
-    got = store.read_kernel(path, "diagonal", "test_train", normalize=True)
+    got = read_kernel(path, "diagonal", "test_train", normalize=True)
     expected = np.zeros((4, 6, 3))
     for i in range(4):
         for j in range(6):
@@ -321,22 +322,22 @@ def test_cosine_full(tmp_path):
         for i, j, c, d in np.ndindex(raw.shape):
             denom = np.sqrt(drows[i, c, c] * self_tr[j, d, d])
             expected[i, j, c, d] = 0.0 if denom == 0 else raw[i, j, c, d] / denom
-        got = store.read_kernel(path, "full", block, normalize=True)
+        got = read_kernel(path, "full", block, normalize=True)
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_read_kernel_errors(tmp_path):
     path = _make_run(tmp_path / "run.h5")
     with pytest.raises(BadInputError, match="no kernel 'trace'"):
-        store.read_kernel(path, "trace")
+        read_kernel(path, "trace")
     with pytest.raises(BadInputError, match="unknown kernel block"):
-        store.read_kernel(path, "trace", block="test_test")
+        read_kernel(path, "trace", block="test_test")
     with store.update_run(path) as (f, _):
         g = f.create_group("kernel/trace")
         store.set_attrs(g, {"complete": False})
         store.write_array(g, "train_train", np.zeros((2, 2)), ("train", "train"))
     with pytest.raises(BadInputError, match="incomplete"):
-        store.read_kernel(path, "trace")
+        read_kernel(path, "trace")
 
 
 def test_open_rejects_non_runs(tmp_path):
