@@ -153,6 +153,8 @@ def _input_array(x: np.ndarray, x_key: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x).astype(np.int64))
     if x.dtype.kind == "b":
         return torch.from_numpy(np.ascontiguousarray(x))
+    if x.dtype not in (np.float16, np.float32, np.float64):
+        x = x.astype(np.float64)  # long double (float96/float128): no torch dtype; beyond float64's range → inf
     features = torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
     rows = (~torch.isfinite(features).reshape(len(features), -1).all(1)).nonzero()
     if len(rows):
