@@ -3,6 +3,7 @@ here, so that the command line builds its help and checks its options without lo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,11 @@ class Shard:
 
     def owner(self, index: int) -> int:
         return index % self.world
+
+    @staticmethod
+    def from_environment() -> Shard:
+        """The shard that torchrun's RANK and WORLD_SIZE variables describe (one process without them)."""
+        return Shard(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,12 @@ class DistillSpec(Params):
         _check(self.reduction is None or self.per_class is None, "give --reduction or --per-class, not both")
         _check(self.reduction is None or self.reduction >= 1, "--reduction must be at least 1")
         _check(self.per_class is None or self.per_class >= 1, "--per-class must be positive")
+
+    @staticmethod
+    def check_kernel(kernel: KernelSpec) -> None:
+        """What distillation works on: the projected features of a pseudo or trace kernel."""
+        _check(kernel.kernel in ("pseudo", "trace"), f"--kernel {kernel.kernel!r}: distil a pseudo or trace kernel")
+        _check(kernel.projected, "--projection none: distillation works on projected features; choose a projection")
 
 
 @dataclass(frozen=True)

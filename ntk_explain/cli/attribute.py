@@ -18,7 +18,7 @@ from ntk_explain.cli.options import (
     with_budget,
     with_execution,
 )
-from ntk_explain.options import AttributeSpec, Resources, SurrogateSpec
+from ntk_explain.options import AttributeSpec, Resources, Shard, SurrogateSpec
 from ntk_explain.stages.execution import Execution
 
 
@@ -48,11 +48,7 @@ def attribute(
     all_classes: Annotated[bool, typer.Option(help="Also store (M, N, C) scores for every class.")] = False,
 ) -> None:
     """Fit a kernel surrogate, write data-attribution scores and faithfulness metrics into the run file."""
-    from ntk_explain.cli.render import metrics_table
-    from ntk_explain.stages import distributed
-    from ntk_explain.stages.attribute import attribute as run_attribute
-
-    if distributed.from_environment().rank > 0:
+    if Shard.from_environment().rank > 0:
         return  # under torchrun, rank 0 fits and writes; the fit is not sharded
     fit = SurrogateSpec(
         Surrogate(surrogate).value,
@@ -63,6 +59,9 @@ def attribute(
         FitOn(fit_on).value,
     )
     spec = AttributeSpec(kernel, fit, top_k, all_classes)
+    from ntk_explain.cli.render import metrics_table  # after the options are checked: these load torch
+    from ntk_explain.stages.attribute import attribute as run_attribute
+
     with progress_bar(output.quiet) as progress:
         summary = run_attribute(run, spec, resources, replace(how, progress=progress))
     report(summary, output, lambda done: stdout.print(metrics_table(done["faithfulness"])))

@@ -18,13 +18,13 @@ from ntk_explain.cli.options import (
     with_inputs,
     with_resources,
 )
-from ntk_explain.options import KERNELS, InputSpec, KernelSpec, Resources
+from ntk_explain.options import KERNELS, InputSpec, KernelSpec, Resources, Shard
 from ntk_explain.stages.execution import Execution
 
 
 def report_compute(summary: dict, output: Output) -> None:
     """The summary of compute, from rank 0 alone under torchrun."""
-    if summary.get("rank", 0) == 0:
+    if Shard.from_environment().rank == 0:
         report(summary, output, _describe)
 
 
@@ -57,13 +57,12 @@ def compute(
     seed: Seed = 0,
 ) -> None:
     """Compute eNTK kernels (train×train, test×train and self-kernel diagonals) into a run file."""
-    from ntk_explain.stages import distributed
-    from ntk_explain.stages.compute import compute as run_compute
-
     globs = split_list(params, "--params", None) if params is not None else None
     storage = FeatureDType(feature_dtype).value if feature_dtype else None
     kind = ProjectionKind(projection).value
     kernels = [KernelSpec(k, kind, proj_dim, seed, globs, storage) for k in split_list(kernel, "--kernel", KERNELS)]
-    with progress_bar(output.quiet or distributed.from_environment().rank > 0) as progress:
+    from ntk_explain.stages.compute import compute as run_compute  # after the options are checked: it loads torch
+
+    with progress_bar(output.quiet or Shard.from_environment().rank > 0) as progress:
         summary = run_compute(inputs, kernels, out, resources, replace(how, progress=progress))
     report_compute(summary, output)

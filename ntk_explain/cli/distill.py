@@ -19,7 +19,7 @@ from ntk_explain.cli.options import (
     with_inputs,
     with_resources,
 )
-from ntk_explain.options import DEFAULT_REDUCTION, DistillSpec, InputSpec, KernelSpec, KipSettings, Resources
+from ntk_explain.options import DEFAULT_REDUCTION, DistillSpec, InputSpec, KernelSpec, KipSettings, Resources, Shard
 from ntk_explain.stages.execution import Execution
 
 
@@ -63,16 +63,16 @@ def distill(
     seed: Seed = 0,
 ) -> None:
     """Distil the training set into m ≪ N support points (the distilled NTK); write their kernel with the test set."""
-    from ntk_explain.stages import distributed
-    from ntk_explain.stages.distill import distill as run_distill
-
-    if distributed.from_environment().rank > 0:
+    if Shard.from_environment().rank > 0:
         return  # under torchrun, rank 0 distils and writes; distillation is not sharded
     spec = KernelSpec(kernel, ProjectionKind(projection).value, proj_dim, seed)
     settings = KipSettings(steps, lr, reg, kip_batch, learn_labels)
     plan = DistillSpec(
         Method(method).value, Selection(select).value, reduction, per_class, Target(target).value, settings, seed=seed
     )
+    plan.check_kernel(spec)
+    from ntk_explain.stages.distill import distill as run_distill  # after the options are checked: it loads torch
+
     with progress_bar(output.quiet) as progress:
         summary = run_distill(inputs, spec, plan, out, resources, replace(how, progress=progress), export)
     report(summary, output, _describe)

@@ -225,15 +225,19 @@ def attribute(path: str | Path, spec: AttributeSpec, resources: Resources, how: 
     the stored fit is reused and the row blocks already checkpointed are kept, giving the numbers of an uninterrupted
     run."""
     path = Path(path)
-    with store.open_run(path) as run:
-        surrogate_group = layout.within(_target(run, spec).parent.name.strip("/"), layout.SURROGATE)
-    if finished(path, surrogate_group, spec.to_params(), how):
+    if how.resume and finished(path, _surrogate_group(path, spec), spec.to_params(), how):
         return {"out": str(path), "skipped": True}
     budget = resolve_budget(resources)
     try:
         return _attribute(path, spec, budget, how)
     except KeyboardInterrupt:
         raise kept_partial(path) from None
+
+
+def _surrogate_group(path: Path, spec: AttributeSpec) -> str:
+    """Where the surrogate of `spec` goes: /surrogate, or /distill/surrogate for a distilled support."""
+    with store.open_run(path) as run:
+        return layout.within(_target(run, spec).parent.name.strip("/"), layout.SURROGATE)
 
 
 def _attribute(path: Path, spec: AttributeSpec, budget: Budget, how: Execution) -> dict:

@@ -35,7 +35,7 @@ def compute(
         raise UsageError("--kernel: expected at least one kernel")
     overwrite, resume = how.overwrite, how.resume
     store.check_target(out, overwrite=overwrite or resume)  # a finished run of the same request is skipped
-    shard = distributed.from_environment()
+    shard = Shard.from_environment()
     written = out if shard.world == 1 else store.shard_path(out, shard.rank, shard.world)
     budget = devices.budget(resumed_resources(resources, written) if resume else resources, shard)
     loaded = load_inputs(inputs, budget, _kernel_options(kernels), kernels[0].seed)
@@ -53,8 +53,8 @@ def compute(
         distributed.start(shard, budget.device)
     try:
         attrs = {**loaded.attrs, "request": request}
-        replace = overwrite or shard.world > 1
-        run = store.create_run(written, overwrite=replace, attrs=attrs, resumable=True, resume=resume)
+        replacing = overwrite or shard.world > 1  # a rank's shard file is its own
+        run = store.create_run(written, overwrite=replacing, attrs=attrs, resumable=True, resume=resume)
         with run as f:
             summary["resumed"] = int(f.attrs.get("resumed", 0))
             _write_kernels(f, loaded, kernels, budget, how.progress, summary)

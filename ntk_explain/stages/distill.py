@@ -52,7 +52,7 @@ def distill(
     """Distil the training set of `inputs` into a support (`spec`) on the projected `kernel`; write /distill and
     /kernel/distilled into `out` (new, or a run file of the same model and data), and the support to `export`
     (safetensors) when given. An interrupt keeps the partial file and the scratch state; `how.resume` continues."""
-    _check(inputs, kernel, spec)
+    spec.check_kernel(kernel)
     overwrite, resume = how.overwrite, how.resume
     if export is not None:
         store.check_target(export, overwrite=overwrite)
@@ -85,14 +85,6 @@ def _distill(out: Path, loaded: Inputs, kernel: KernelSpec, spec: DistillSpec, r
     except KeyboardInterrupt:
         raise kept_partial(out) from None
     return {"out": str(out), **summary}
-
-
-def _check(inputs: InputSpec, kernel: KernelSpec, spec: DistillSpec) -> None:
-    """The options distillation needs: a projected pseudo or trace kernel."""
-    if kernel.kernel not in ("pseudo", "trace"):
-        raise UsageError(f"--kernel {kernel.kernel!r}: distil a pseudo or trace kernel")
-    if kernel.projection == "none":
-        raise UsageError("--projection none: distillation works on projected features; choose a projection")
 
 
 @dataclass

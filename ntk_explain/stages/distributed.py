@@ -8,18 +8,11 @@ collectives at all.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ntk_explain.options import Shard
-
-
-def from_environment() -> Shard:
-    """The shard that torchrun's RANK and WORLD_SIZE variables describe (one process without them)."""
-    return Shard(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def start(shard: Shard, device: torch.device) -> None:
