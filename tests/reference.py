@@ -1,8 +1,15 @@
 """The float64 torch.func.jacrev reference eNTK: Jacobians of every parameter, then einsum."""
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
+
+
+def rel(a, b) -> float:
+    """‖a − b‖ / ‖b‖ (Frobenius), of arrays or tensors."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def jacobian(model: nn.Module, x: Tensor, names: tuple[str, ...] | None = None) -> Tensor:

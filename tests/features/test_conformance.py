@@ -26,16 +26,12 @@ from ntk_explain.options import Budget, KernelSpec
 from tests import reference
 from tests.architectures import ARCHITECTURES, reference_jacobian
 from tests.models import MODELS
+from tests.reference import rel
 
 TOL = 1e-8
 N_TRAIN, N_TEST = 7, 4
 KERNELS = ("trace", "pseudo", "full")
 BLOCKS = ("train_train", "test_train", "diag_train", "diag_test")
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _write(path: Path, batch: torch.Tensor | dict, classes: int, seed: int) -> None:

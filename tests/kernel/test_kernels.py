@@ -20,13 +20,9 @@ from ntk_explain.options import Budget, KernelSpec
 from ntk_explain.stages.kernels import compute_kernel
 from tests import reference
 from tests.models import MODELS
+from tests.reference import rel
 
 TOL = 1e-8
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def data(name: str, n: int, seed: int) -> torch.Tensor:

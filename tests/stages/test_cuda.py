@@ -19,17 +19,13 @@ from tests import reference
 from tests.architectures import ARCHITECTURES, reference_jacobian
 from tests.models import MODELS
 from tests.processes import cli_env, float64_cnn_compute
+from tests.reference import rel
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 CUDA = torch.device("cuda")
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "normed", "bag", "positions", "conv1d"])
