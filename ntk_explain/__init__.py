@@ -2,10 +2,11 @@
 
 The public API, imported on first use (so that `import ntk_explain` stays light):
 
-- stages: `compute`, `attribute`, `distill` (model and data → run file, as the command line runs them), and
-  `compute_kernel` (one kernel of in-memory inputs into an open run file);
+- stages: `compute`, `attribute`, `distill`, `train`, `path_kernel` (model and data → run file, as the command
+  line runs them), and `compute_kernel` (one kernel of in-memory inputs into an open run file);
+- training trajectories: `Recorder` (from the user's own loop), `Trajectory` (a recorded one, read);
 - options: `InputSpec`, `KernelSpec`, `Resources`, `Budget`, `AttributeSpec`, `SurrogateSpec`, `DistillSpec`,
-  `KipSettings`, `Execution`;
+  `KipSettings`, `PathSpec`, `TrainSpec`, `Execution`;
 - run files: `create_run`, `open_run`, `read_kernel`, `read_features`, `read_attribution`, `faithfulness`,
   `summarize`, `root_attrs`;
 - estimators: `KernelGLM`, `KernelRidge`, `FeatureKernel`;
@@ -25,7 +26,11 @@ _EXPORTS = {
     "compute": "ntk_explain.stages.compute",
     "attribute": "ntk_explain.stages.attribute",
     "distill": "ntk_explain.stages.distill",
+    "train": "ntk_explain.stages.train",
+    "path_kernel": "ntk_explain.stages.path_kernel",
     "compute_kernel": "ntk_explain.stages.kernels",
+    "Recorder": "ntk_explain.trajectory",
+    "Trajectory": "ntk_explain.store.trajectory",
     "Execution": "ntk_explain.stages.execution",
     "InputSpec": "ntk_explain.options",
     "KernelSpec": "ntk_explain.options",
@@ -35,6 +40,8 @@ _EXPORTS = {
     "SurrogateSpec": "ntk_explain.options",
     "DistillSpec": "ntk_explain.options",
     "KipSettings": "ntk_explain.options",
+    "PathSpec": "ntk_explain.options",
+    "TrainSpec": "ntk_explain.options",
     "create_run": "ntk_explain.store",
     "open_run": "ntk_explain.store",
     "read_kernel": "ntk_explain.kernel.read",

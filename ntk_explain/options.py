@@ -258,3 +258,72 @@ class Resources(Params):
     def __post_init__(self) -> None:
         _check(self.batch_size is None or self.batch_size >= 1, "--batch-size must be a positive integer or auto")
         _check(self.tile is None or self.tile >= 1, "--tile must be positive")
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+@dataclass(frozen=True)
+class PathSpec(Params):
+    """What `path-kernel` explains with: the trajectory file, Gauss–Legendre nodes per segment, the window of steps
+    [start, stop) (None: all), whether every class's contributions are kept (else the network's predicted class),
+    the top-k kept, and the adaptive refinement of each segment: split until a point's quadrature error on the step
+    is at most `tolerance` (relative; None: 1e-12 in float64, 1e-5 in float32) × its change over the window / S,
+    at most `depth` halvings (0: never split)."""
+
+    trajectory: str
+    nodes: int = 8
+    steps: tuple[int, int | None] | None = None
+    all_classes: bool = False
+    top_k: int = 10
+    tolerance: float | None = None
+    depth: int = 40
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.nodes <= 64, "--nodes must be in [1, 64]")
+        _check(self.top_k >= 1, "--top-k must be positive")
+        _check(self.tolerance is None or self.tolerance > 0, "--tolerance must be positive")
+        _check(0 <= self.depth <= 50, "--depth must be in [0, 50]")
+        if self.steps is not None:
+            start, stop = self.steps
+            _check(start >= 0 and (stop is None or stop > start), "--steps a:b needs 0 <= a < b")
+
+    def relative_tolerance(self, dtype: str) -> float:
+        return self.tolerance if self.tolerance is not None else (1e-12 if dtype == "float64" else 1e-5)
+
+
+def step_window(text: str | None) -> tuple[int, int | None] | None:
+    """--steps a:b (a or b may be left out) as (a, b), b None for the last step."""
+    if text is None:
+        return None
+    start, colon, stop = text.partition(":")
+    try:
+        window = (int(start or 0), int(stop) if stop else None)
+    except ValueError:
+        raise UsageError(f"--steps {text!r}: expected a:b, e.g. 0:100") from None
+    _check(bool(colon), f"--steps {text!r}: expected a:b, e.g. 0:100")
+    return window
+
+
+@dataclass(frozen=True)
+class TrainSpec(Params):
+    """A plain training recipe: the optimiser (sgd, adam, adamw), its learning rate, momentum (SGD's; Adam's β₁ is
+    `betas[0]`), weight decay, epochs over the shuffled training set in batches of `batch_size`, and the seed of
+    the initialisation and the shuffling."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 2
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of(self.optimizer, OPTIMIZERS, "--optimizer")
+        _check(self.lr > 0, "--lr must be positive")
+        _check(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
+        _check(self.momentum == 0 or self.optimizer == "sgd", "--momentum applies to sgd (Adam has its own betas)")
+        _check(self.weight_decay >= 0, "--weight-decay must not be negative")
+        _check(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be positive")
+        _check(0 <= self.seed <= SEED_MAX, f"--seed must be in [0, {SEED_MAX}]")

@@ -252,6 +252,8 @@ def _load_weights(module: nn.Module, path: str) -> None:
     if any(problems.values()):
         text = "; ".join(f"{kind}: {listed(names)}" for kind, names in problems.items() if names)
         raise BadInputError(f"weights {path}: {text}")
+    if any(t.dtype == torch.float64 for t in state.values()):
+        module.double()  # float64 weights load without rounding (the compute dtype is applied afterwards)
     module.load_state_dict(state, strict=True)
 
 

@@ -5,6 +5,7 @@
                                   (/kernel/distilled, the support's kernel: also full_train, diag_full)
     /surrogate/, /attribution/, /faithfulness/            of the full training set
     /distill/                     the support; its /distill/{surrogate,attribution,faithfulness}
+    /path/                        the exact path kernel of a recorded trajectory (contributions, kernel, residual)
 
 Splits are `train` and `test`; a kernel block `<split>_train` has the points of <split> as rows and the training
 points as columns.
@@ -19,6 +20,7 @@ DISTILL = "distill"
 SURROGATE = "surrogate"
 ATTRIBUTION = "attribution"
 FAITHFULNESS = "faithfulness"
+PATH = "path"
 DISTILLED = "distilled"  # the kernel name of a distilled support
 EXPLANATION = (SURROGATE, ATTRIBUTION, FAITHFULNESS)  # what attribute writes, beside the kernel it explains
 BLOCKS = ("train_train", "test_train")  # the kernel blocks readers serve

@@ -1,0 +1,233 @@
+"""One training step's segment of the weight path, w(t) = w_s + t Δw_s for t ∈ [0, 1], and its integrated Jacobian.
+
+By the fundamental theorem of calculus, f_{w_{s+1}}(x) − f_{w_s}(x) = [∫₀¹ J_{w(t)}(x) dt] Δw_s exactly. The integral
+is taken by Gauss–Legendre quadrature on panels of [0, 1]: one panel where the point's quadrature of the left side
+(a JVP, d/dt f(w(t), x)) already matches the exact change to `tolerance`, else halved until each panel does (kinks of
+ReLU or max-pooling, where a unit switches within the step, are enclosed in tiny panels) and the smooth neighbours
+merged back. Each point gets its own panels; points with the one panel [0, 1] share their nodes' weights.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import jacrev, jvp, vmap
+
+from ntk_explain.loading.adapter import Batch, ModelAdapter
+
+Panels = list[list[tuple[float, float]]]  # per point, its panels (a, b) in order, covering [0, 1]
+SPLIT = 4  # a failing panel is cut into this many
+MAX_ACTIVE = 16  # a point's failing panels refined further per level, the largest errors first (the rest: noise)
+
+
+def _pieces(n: int, size: int) -> list[slice]:
+    return [slice(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+@functools.cache
+def gauss_legendre(nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes t_q ∈ (0, 1) and weights ω_q (Σ ω_q = 1) of Q-point Gauss–Legendre quadrature on [0, 1]: exact for
+    polynomials of degree ≤ 2Q − 1."""
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    return (x + 1) / 2, w / 2
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The segment w(t) = start + t·delta of the trained parameters (name → tensor, in order), with the fixed
+    `constants` (buffers, frozen parameters); `net` evaluates the model on it."""
+
+    net: ModelAdapter
+    start: dict[str, Tensor]
+    delta: dict[str, Tensor]
+    constants: dict[str, Tensor]
+    chunk: int = 256  # the most points of one vmapped JVP (each may carry its own weights)
+
+    def _one(self, state: dict[str, Tensor], arrays: dict[str, Tensor], keyword: bool) -> Tensor:
+        """f(x) (C,) of one point at `state`."""
+        return self.net.functional(state, Batch({k: a.unsqueeze(0) for k, a in arrays.items()}, keyword))[0]
+
+    def values_and_slopes(self, batch: Batch, t: Tensor) -> tuple[Tensor, Tensor]:
+        """f(w(t_k), x_k) and d/dt f(w(t), x_k) at t_k (K, C) each: `t` (K,) per point, or one shared value (0-d)."""
+
+        def one(tk: Tensor, arrays: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            params = {n: self.start[n] + tk * d for n, d in self.delta.items()}
+            return jvp(lambda p: self._one({**p, **self.constants}, arrays, batch.keyword), (params,), (self.delta,))
+
+        parts = [
+            vmap(one, in_dims=(0 if t.dim() else None, 0))(t[rows] if t.dim() else t, dict(batch[rows].arrays))
+            for rows in _pieces(len(batch), self.chunk)
+        ]
+        return torch.cat([v for v, _ in parts]), torch.cat([d for _, d in parts])
+
+    def jacobians(self, batch: Batch, t: Tensor) -> Tensor:
+        """J_{w(t_k)}(x_k) (K, C, P) over the trained parameters, flattened in order: `t` (K,) or shared (0-d)."""
+        names = list(self.delta)
+
+        def one(tk: Tensor, arrays: dict[str, Tensor]) -> Tensor:
+            params = {n: self.start[n] + tk * self.delta[n] for n in names}
+            jac = jacrev(lambda p: self._one({**p, **self.constants}, arrays, batch.keyword))(params)
+            return torch.cat([jac[n].flatten(1) for n in names], dim=1)
+
+        return vmap(one, in_dims=(0 if t.dim() else None, 0))(t, dict(batch.arrays))
+
+
+@dataclass(frozen=True)
+class Quadrature:
+    """Gauss–Legendre with `nodes` per panel; a panel is kept once its error is at most the point's tolerance, after
+    at most `depth` halvings."""
+
+    nodes: int
+    depth: int
+
+    def rule(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        t, w = gauss_legendre(self.nodes)
+        return torch.as_tensor(t, dtype=dtype, device=device), torch.as_tensor(w, dtype=dtype, device=device)
+
+    def errors(self, segment: Segment, batch: Batch, pieces: list[Piece]) -> Tensor:
+        """f(w(b)) − f(w(a)) − (b−a) Σ_q ω_q d/dt f(w(a + (b−a) t_q)) (K, C) of K panels, each of a point of `batch`,
+        in one pass over their K·Q nodes."""
+        nodes, weights = self.rule(pieces[0].fa.dtype, batch.device)
+        a = torch.tensor([p.a for p in pieces], dtype=nodes.dtype, device=nodes.device)
+        b = torch.tensor([p.b for p in pieces], dtype=nodes.dtype, device=nodes.device)
+        t = (a[:, None] + (b - a)[:, None] * nodes).reshape(-1)
+        rows = torch.as_tensor([p.point for p in pieces], device=batch.device).repeat_interleave(self.nodes)
+        slopes = segment.values_and_slopes(batch[rows], t)[1].reshape(len(pieces), self.nodes, -1)
+        change = torch.stack([p.fb - p.fa for p in pieces])
+        return change - (b - a)[:, None] * torch.einsum("q,kqc->kc", weights, slopes)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A panel [a, b] of the segment of point `point` with the values fa, fb (C,) there, and its error once known."""
+
+    point: int
+    a: float
+    b: float
+    fa: Tensor
+    fb: Tensor
+    error: Tensor | None = None
+
+
+def _within(error: Tensor, tolerance: Tensor, point: int) -> bool:
+    return float(error.abs().max()) <= float(tolerance[point])
+
+
+def refine(
+    quadrature: Quadrature, segment: Segment, batch: Batch, f0: Tensor, f1: Tensor, tolerance: Tensor
+) -> tuple[Panels, Tensor]:
+    """Each point's panels of [0, 1] and the error of its quadrature on them (T, C): f1 − f0 (the values at w_s and
+    w_{s+1}) minus the summed panel estimates. `tolerance` (T,): the largest error a panel may keep."""
+    nodes, weights = quadrature.rule(f0.dtype, f0.device)
+    slopes = torch.stack([segment.values_and_slopes(batch, node)[1] for node in nodes])  # shared nodes: one panel
+    errors = f1 - f0 - torch.einsum("q,qtc->tc", weights, slopes)
+    panels: Panels = [[(0.0, 1.0)] for _ in range(len(f0))]
+    failing = [i for i in range(len(f0)) if quadrature.depth and not _within(errors[i], tolerance, i)]
+    active = [Piece(i, 0.0, 1.0, f0[i], f1[i]) for i in failing]
+    kept: dict[int, list[Piece]] = {i: [] for i in failing}
+    for level in range(quadrature.depth if active else 0):
+        parts = [h for p, h in zip(active, _split(segment, batch, active), strict=True) for h in h]
+        parts = [replace(h, error=e) for h, e in zip(parts, quadrature.errors(segment, batch, parts), strict=True)]
+        active = []
+        for failing in _failing(parts, tolerance).values():
+            if level < quadrature.depth - 1:
+                active += failing[:MAX_ACTIVE]  # beyond these, rounding noise rather than kinks
+        kept_now = {id(h) for h in active}
+        for h in parts:
+            if id(h) not in kept_now:
+                kept[h.point].append(h)
+        if not active:
+            break
+    for point, pieces in _merged(quadrature, segment, batch, kept, tolerance).items():
+        panels[point] = [(p.a, p.b) for p in pieces]
+        errors[point] = torch.stack([p.error for p in pieces]).sum(0)
+    return panels, errors
+
+
+def _failing(parts: list[Piece], tolerance: Tensor) -> dict[int, list[Piece]]:
+    """Each point's panels beyond its tolerance, the largest error first."""
+    failing: dict[int, list[Piece]] = {}
+    for h in sorted(parts, key=lambda h: -float(h.error.abs().max())):
+        if not _within(h.error, tolerance, h.point):
+            failing.setdefault(h.point, []).append(h)
+    return failing
+
+
+def panel_tolerance(f_start: Tensor, f_stop: Tensor, steps: int, relative: float) -> Tensor:
+    """The error a point's panel may keep (T,): `relative` × the point's largest change over the window, shared
+    over its `steps` steps, but never below its logits' rounding noise (64 ε (1 + max |f|))."""
+    eps = torch.finfo(f_stop.dtype).eps
+    change = (f_stop - f_start).abs().amax(1)
+    return torch.maximum(relative * change / steps, 64 * eps * (1 + f_stop.abs().amax(1)))
+
+
+def _split(segment: Segment, batch: Batch, pieces: list[Piece]) -> list[list[Piece]]:
+    """Each panel cut into SPLIT equal ones, with the values at the new ends (one pass for all)."""
+    inner = [p.a + (p.b - p.a) * k / SPLIT for p in pieces for k in range(1, SPLIT)]
+    rows = torch.as_tensor([p.point for p in pieces], device=batch.device).repeat_interleave(SPLIT - 1)
+    t = torch.tensor(inner, dtype=pieces[0].fa.dtype, device=batch.device)
+    values = segment.values_and_slopes(batch[rows], t)[0].reshape(len(pieces), SPLIT - 1, -1)
+    cut = []
+    for p, value in zip(pieces, values, strict=True):
+        ends = [p.a, *inner[: SPLIT - 1], p.b]
+        inner = inner[SPLIT - 1 :]
+        fs = [p.fa, *value, p.fb]
+        cut.append([replace(p, a=ends[k], b=ends[k + 1], fa=fs[k], fb=fs[k + 1]) for k in range(SPLIT)])
+    return cut
+
+
+def _merged(
+    quadrature: Quadrature, segment: Segment, batch: Batch, kept: dict[int, list[Piece]], tolerance: Tensor
+) -> dict[int, list[Piece]]:
+    """Each point's panels in order, merged: from the first panel not yet covered, the longest run of panels whose
+    union keeps within tolerance becomes one panel (every point's every extension tried in one pass)."""
+    queues = {point: sorted(pieces, key=lambda p: p.a) for point, pieces in kept.items()}
+    merged: dict[int, list[Piece]] = {point: [] for point in queues}
+    while any(queues.values()):
+        tried = [(point, j) for point, queue in queues.items() for j in range(1, len(queue))]
+        joined = [replace(queues[p][0], b=queues[p][j].b, fb=queues[p][j].fb) for p, j in tried]
+        longest = {point: 0 for point, queue in queues.items() if queue}
+        for (point, j), error in zip(tried, quadrature.errors(segment, batch, joined) if joined else (), strict=True):
+            if _within(error, tolerance, point) and j > longest[point]:
+                longest[point] = j
+                queues[point][j] = replace(queues[point][j], error=error)
+        for point, j in longest.items():
+            first, last = queues[point][0], queues[point][j]
+            merged[point].append(first if j == 0 else replace(first, b=last.b, fb=last.fb, error=last.error))
+            del queues[point][: j + 1]
+    return merged
+
+
+def integrated_jacobians(quadrature: Quadrature, segment: Segment, batch: Batch, panels: Panels, chunk: int) -> Tensor:
+    """Ĵ(x) = Σ_panels (b−a) Σ_q ω_q J_{w(a + (b−a) t_q)}(x) (T, C, P) of every point on its panels, `chunk` Jacobians
+    at a time. Points of the one panel [0, 1] share each node's weights; the nodes of split panels go per point."""
+    dtype = next(iter(segment.start.values())).dtype
+    nodes, weights = quadrature.rule(dtype, batch.device)
+    whole = torch.as_tensor([i for i, p in enumerate(panels) if p == [(0.0, 1.0)]], dtype=torch.long)
+    total: Tensor | None = None
+    for node, weight in zip(nodes, weights, strict=True):
+        for rows in whole.split(chunk) if len(whole) else ():
+            total = _added(total, weight * segment.jacobians(batch[rows.to(batch.device)], node), rows, len(panels))
+    split = [(i, a, b) for i, p in enumerate(panels) if p != [(0.0, 1.0)] for a, b in p]
+    if split:
+        point = torch.as_tensor([i for i, _, _ in split]).repeat_interleave(quadrature.nodes)
+        a = torch.tensor([a for _, a, _ in split], dtype=dtype, device=batch.device)[:, None]
+        width = torch.tensor([b - a for _, a, b in split], dtype=dtype, device=batch.device)[:, None]
+        t, w = (a + width * nodes).reshape(-1), (width * weights).reshape(-1)
+        for part in torch.arange(len(point)).split(chunk):
+            rows = point[part]
+            jacobians = segment.jacobians(batch[rows.to(batch.device)], t[part.to(t.device)])
+            total = _added(total, w[part.to(w.device), None, None] * jacobians, rows, len(panels))
+    if total is None:
+        raise ValueError("no panels")
+    return total
+
+
+def _added(total: Tensor | None, part: Tensor, rows: Tensor, n: int) -> Tensor:
+    if total is None:
+        total = part.new_zeros((n, *part.shape[1:]))
+    return total.index_add_(0, rows.to(part.device), part)

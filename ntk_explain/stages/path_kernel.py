@@ -1,0 +1,294 @@
+"""The path-kernel stage: a recorded trajectory → every training point's exact contribution to each explained
+prediction (`analyses.path`), into /path of a new run file or of an existing run of the same model and data.
+
+Explained points are the test set (the training set without one), in row tiles under the memory budget, each tile
+checkpointed: a killed run resumed gives the numbers of an uninterrupted one. When the run holds /attribution (the
+kGLM's explanation), each point's rank agreement with it (Kendall τ, top-10 overlap) is stored beside.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import kendalltau
+from torch import Tensor
+
+from ntk_explain import resources as devices
+from ntk_explain import store
+from ntk_explain.analyses.path import TileExplanation, explain_tile
+from ntk_explain.analyses.segments import Quadrature, panel_tolerance
+from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
+from ntk_explain.loading.adapter import Batch
+from ntk_explain.loading.files import sha256_file
+from ntk_explain.options import Budget, InputSpec, PathSpec, Resources, Shard
+from ntk_explain.stages.execution import Execution
+from ntk_explain.stages.inputs import HASHES, Inputs, load_inputs
+from ntk_explain.stages.kernels import network_logits, rows_dataset, write_data
+from ntk_explain.stages.path_steps import Window, check_trajectory, steps, weights_state, window
+from ntk_explain.stages.resume import finished, kept_partial, resumed_resources
+from ntk_explain.stages.rows import resumable_tiles
+from ntk_explain.store import layout
+from ntk_explain.store.trajectory import Trajectory
+from ntk_explain.surrogate.attribution import extremes
+
+AGREEMENT_TOP = 10
+EXTREMES = (
+    "topk_index",
+    "topk_score",
+    "opp_index",
+    "opp_score",
+)  # the top-k overlap of the agreement with the kGLM explanation
+
+
+@dataclass
+class _Work:
+    """What the tiles share: the loaded inputs, the trajectory and its window, the explained split, the values at
+    the window's ends (M, C), the quadrature, and the rows per tile, Jacobians per pass and points per JVP."""
+
+    loaded: Inputs
+    trajectory: Trajectory
+    span: Window
+    split: str
+    f_start: Tensor
+    f_stop: Tensor
+    quadrature: Quadrature
+    tolerance: Tensor
+    tile: int
+    chunk: int
+    pairs: int
+
+
+def _sizes(n: int, n_train: int, classes: int, n_params: int, itemsize: int, budget: Budget) -> tuple[int, int, int]:
+    """Rows per tile, Jacobians per pass and points per JVP: a tile keeps five T×C×P accumulators and its T×N×C
+    contributions in half the budget; a pass of Jacobians (chunk×C×P, about three times over) an eighth, and a JVP of
+    points with their own weights (pairs×P, about four times over) another."""
+    per_jacobian = classes * n_params * itemsize
+    chunk, pairs = budget.bytes // (8 * 3 * per_jacobian), budget.bytes // (8 * 4 * n_params * itemsize)
+    tile = budget.bytes // (2 * (5 * per_jacobian + n_train * classes * itemsize))
+    if min(chunk, pairs, tile) < 1:
+        raise OutOfMemoryError(f"one Jacobian ({per_jacobian / 2**20:.0f} MiB) does not fit; raise --max-memory")
+    return min(budget.tile or n, tile, n), int(min(chunk, 1024)), int(min(pairs, 4096))
+
+
+def _end_values(trajectory: Trajectory, loaded: Inputs, inputs: Batch, step: int, dtype: torch.dtype) -> Tensor:
+    """f_{w_step}(x) (M, C) of the explained points, on the CPU."""
+    device, batch = loaded.budget.device, loaded.budget.batch_size or 1024
+    state = weights_state(trajectory, step, device, dtype)
+    with torch.no_grad():
+        rows = range(0, len(inputs), batch)
+        return torch.cat([loaded.net.functional(state, inputs[s : s + batch].to(device, dtype)).cpu() for s in rows])
+
+
+def path_kernel(
+    inputs: InputSpec,
+    spec: PathSpec,
+    out: Path,
+    resources: Resources,
+    how: Execution = Execution(),
+    *,
+    into: bool = False,
+) -> dict:
+    """Write /path: the contributions of every training point to each explained point's logits over the recorded
+    trajectory `spec.trajectory` (whose final weights must be the model's), the path kernel, the values at the
+    window's ends, the weight-decay part, the identity's residual per point and per step, and the top-k proponents
+    and opponents; into the new run file `out`, or (`into`) the existing run `out` of the same model and data.
+    Returns a summary. An interrupt keeps the partial file; `how.resume` continues it."""
+    if Shard.from_environment().world > 1:
+        raise UsageError("path-kernel runs as one process (torchrun is not supported yet)")
+    if not into:
+        store.check_target(out, overwrite=how.overwrite or how.resume)
+    budget = devices.budget(resumed_resources(resources, out) if how.resume else resources)
+    loaded = load_inputs(inputs, budget, {"path": spec.to_params()}, 0)
+    dtype = getattr(torch, inputs.dtype)
+    with Trajectory(spec.trajectory) as trajectory:
+        train = loaded.data["train"]
+        check_trajectory(trajectory, loaded.net, len(train.inputs))
+        span = window(trajectory, spec.steps)
+        request = {
+            "inputs": inputs.to_params(),
+            "path": spec.to_params(),
+            "trajectory_sha256": sha256_file(spec.trajectory),
+            **{key: loaded.attrs[key] for key in HASHES},
+        }
+        if finished(out, layout.PATH, request, how):
+            return {"out": str(out), "skipped": True}
+        work = _work(loaded, trajectory, span, spec, dtype)
+        began = time.perf_counter()
+        try:
+            summary = _into(out, work, spec, request, how) if into else _new(out, work, spec, request, how)
+        except KeyboardInterrupt:
+            raise kept_partial(out) from None
+    return {"out": str(out), **summary, "seconds": round(time.perf_counter() - began, 3)}
+
+
+def _work(loaded: Inputs, trajectory: Trajectory, span: Window, spec: PathSpec, dtype: torch.dtype) -> _Work:
+    split = "test" if "test" in loaded.data else "train"
+    explained = loaded.data[split].inputs
+    f_start = _end_values(trajectory, loaded, explained, span.start, dtype)
+    f_stop = _end_values(trajectory, loaded, explained, span.stop, dtype)
+    relative = spec.relative_tolerance(str(dtype).removeprefix("torch."))
+    tolerance = panel_tolerance(f_start, f_stop, span.size, relative)
+    n_params = sum(int(np.prod(shape)) for shape in trajectory.header.shapes)
+    itemsize = torch.finfo(dtype).bits // 8
+    tile, chunk, pairs = _sizes(
+        len(explained), len(loaded.data["train"].inputs), f_stop.shape[1], n_params, itemsize, loaded.budget
+    )
+    quadrature = Quadrature(spec.nodes, spec.depth)
+    return _Work(loaded, trajectory, span, split, f_start, f_stop, quadrature, tolerance, tile, chunk, pairs)
+
+
+def _new(out: Path, work: _Work, spec: PathSpec, request: dict, how: Execution) -> dict:
+    loaded = work.loaded
+    attrs = {**loaded.attrs, "request": request}
+    with store.create_run(out, overwrite=how.overwrite, attrs=attrs, resumable=True, resume=how.resume) as run:
+        for split, dataset in loaded.data.items():
+            write_data(run, split, dataset, network_logits(loaded.net, dataset.inputs, loaded.budget))
+        return _write(run, work, spec, request, how)
+
+
+def _into(out: Path, work: _Work, spec: PathSpec, request: dict, how: Execution) -> dict:
+    with store.update_run(out, request=request, resume=how.resume) as (run, resumed):
+        differ = [key for key in HASHES if run.attrs.get(key) != work.loaded.attrs[key]]
+        if differ:
+            raise BadInputError(
+                f"{out} is a run of another model or data ({differ[0].removesuffix('_sha256')} differs)"
+            )
+        if layout.PATH in run and not resumed:
+            if not how.overwrite:
+                raise BadInputError(f"{out} already has /{layout.PATH}; pass --overwrite to replace it")
+            del run[layout.PATH]
+        return _write(run, work, spec, request, how)
+
+
+def _datasets(group: store.H5Group, work: _Work, spec: PathSpec, k: int, agreement: bool) -> dict:
+    m, n, classes = len(work.f_stop), len(work.loaded.data["train"].inputs), work.f_stop.shape[1]
+    split, tile = work.split, work.tile
+    shapes = {
+        "contributions": ((m, n, classes) if spec.all_classes else (m, n), (split, "train", "class")),
+        "kernel": ((m, n), (split, "train")),
+        "decay": ((m, classes), (split, "class")),
+        "residual": ((m, classes), (split, "class")),
+        "panels": ((m,), (split,)),
+        "topk_index": ((m, k), (split, "k")),
+        "topk_score": ((m, k), (split, "k")),
+        "opp_index": ((m, k), (split, "k")),
+        "opp_score": ((m, k), (split, "k")),
+        **({"kendall_tau": ((m,), (split,)), "top10_overlap": ((m,), (split,))} if agreement else {}),
+    }
+    made = {}
+    for name, (shape, dims) in shapes.items():
+        dtype = np.int64 if name.endswith("index") or name == "panels" else np.float64
+        made[name] = rows_dataset(group, name, shape, dtype, dims[: len(shape)], tile if tile < m else None, 1)
+    return made
+
+
+def _attribution(run: store.H5File, m: int, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The kGLM's attribution scores (M, N) of the explained class and that class (M,), when the run has them for
+    the same points."""
+    group = run.get(layout.ATTRIBUTION)
+    if group is None or "scores" not in group or group["scores"].shape[:2] != (m, n):
+        return None
+    classes = group["class"][()]
+    scores = group["scores"][()]
+    return (scores[np.arange(m), :, classes] if scores.ndim == 3 else scores), classes
+
+
+def _write(run: store.H5File, work: _Work, spec: PathSpec, request: dict, how: Execution) -> dict:
+    """/path, a row tile at a time (each checkpointed), then its attributes and the request it answers."""
+    group = run.require_group(layout.PATH)
+    loaded, span, m = work.loaded, work.span, len(work.f_stop)
+    train, explained = loaded.data["train"], loaded.data[work.split]
+    n, k = len(train.inputs), min(spec.top_k, len(train.inputs))
+    predicted = run[layout.data(work.split)]["nn_logits"][()].argmax(1)
+    attribution = _attribution(run, m, n)
+    made = _datasets(group, work, spec, k, attribution is not None)
+    for name, values in (("f_initial", work.f_start), ("f_final", work.f_stop)):
+        if name not in group:
+            store.write_array(group, name, values.numpy(), (work.split, "class"))
+    if "class" not in group:
+        store.write_array(group, "class", predicted, (work.split,))
+    if "step_residual" not in group:
+        store.write_array(group, "step_residual", np.zeros(span.size), ("step",))
+    device, dtype = loaded.budget.device, work.f_stop.dtype
+    for _, rows in resumable_tiles(made["contributions"], m, work.tile, how.progress, "path kernel"):
+        tile = explained.inputs[rows].to(device, dtype)
+        steps_of = steps(work.trajectory, loaded.net, train, span, device, dtype, work.pairs)
+        result = explain_tile(
+            tile, steps_of, n, span.size, work.quadrature, work.tolerance[rows].to(device), work.chunk
+        )
+        _write_tile(group, made, rows, result, work, predicted[rows], attribution)
+    return _finish(group, work, spec, request)
+
+
+def _write_tile(
+    group: store.H5Group,
+    made: dict,
+    rows: slice,
+    result: TileExplanation,
+    work: _Work,
+    predicted: np.ndarray,
+    attribution: tuple[np.ndarray, np.ndarray] | None,
+) -> None:
+    contributions = result.contributions.cpu()
+    chosen = contributions[torch.arange(len(predicted)), :, torch.from_numpy(predicted)]
+    residual = work.f_stop[rows] - work.f_start[rows] - contributions.sum(1) - result.decay.cpu()
+    made["contributions"][rows] = (contributions if made["contributions"].ndim == 3 else chosen).numpy()
+    made["kernel"][rows] = result.kernel.cpu().numpy()
+    made["decay"][rows] = result.decay.cpu().numpy()
+    made["residual"][rows] = residual.numpy()
+    made["panels"][rows] = result.panels.cpu().numpy()
+    for name, values in zip(EXTREMES, extremes(chosen, made["topk_index"].shape[1]), strict=True):
+        made[name][rows] = values.numpy()
+    if attribution is not None:
+        scores, classes = attribution
+        explained = contributions[torch.arange(len(predicted)), :, torch.from_numpy(classes[rows])].numpy()
+        tau, overlap = agreement(explained, scores[rows])
+        made["kendall_tau"][rows], made["top10_overlap"][rows] = tau, overlap
+    step_residual = group["step_residual"]
+    step_residual[...] = np.maximum(step_residual[()], result.step_error.amax(0).cpu().numpy())
+
+
+def agreement(
+    path_scores: np.ndarray, kernel_scores: np.ndarray, top: int = AGREEMENT_TOP
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, Kendall's τ-b between two explanations of a point (scores of the N training points) and the share
+    of their top-`top` training points in common."""
+    tau = np.array([kendalltau(a, b).statistic for a, b in zip(path_scores, kernel_scores, strict=True)])
+    top = min(top, path_scores.shape[1])
+    first = np.argsort(-path_scores, axis=1, kind="stable")[:, :top]
+    second = np.argsort(-kernel_scores, axis=1, kind="stable")[:, :top]
+    overlap = np.array([len(np.intersect1d(a, b)) / top for a, b in zip(first, second, strict=True)])
+    return tau, overlap
+
+
+def _finish(group: store.H5Group, work: _Work, spec: PathSpec, request: dict) -> dict:
+    """/path's attributes, the summary, and last the request that marks it finished."""
+    residual = np.abs(group["residual"][()]).max()
+    change = float((work.f_stop - work.f_start).abs().max())
+    header = work.trajectory.header
+    attrs = {
+        "optimizer": header.optimizer,
+        "loss": f"{header.loss} ({header.reduction})",
+        "steps": f"{work.span.start}:{work.span.stop}",
+        "nodes": spec.nodes,
+        "depth": spec.depth,
+        "tolerance": spec.relative_tolerance(str(work.f_stop.dtype).removeprefix("torch.")),
+        "split": work.split,
+        "trajectory": str(work.trajectory.path),
+        "all_classes": spec.all_classes,
+        "max_residual": float(residual),
+        "relative_residual": float(residual / change) if change else 0.0,
+        "mean_panels_per_step": float(group["panels"][()].mean() / work.span.size),
+    }
+    if "kendall_tau" in group:
+        attrs.update(
+            mean_kendall_tau=float(np.nanmean(group["kendall_tau"][()])),
+            mean_top10_overlap=float(np.mean(group["top10_overlap"][()])),
+        )
+    store.set_attrs(group, attrs)
+    store.set_attrs(group, {"request": request})
+    return {key: attrs[key] for key in attrs if key not in ("trajectory",)} | {"n_explained": len(work.f_stop)}
