@@ -21,7 +21,10 @@ from ntk_explain.loading.adapter import Batch, ModelAdapter
 
 Panels = list[list[tuple[float, float]]]  # per point, its panels (a, b) in order, covering [0, 1]
 SPLIT = 4  # a failing panel is cut into this many
-MAX_ACTIVE = 16  # a point's failing panels refined further per level, the largest errors first (the rest: noise)
+MAX_ACTIVE = 4  # a point's failing panels cut further per level, the largest errors first; a point is refined only
+# while its error halves at least every PATIENCE levels: rounding noise, or more kinks than refining pays for, stop it
+# (the stored residual says how exact the result is)
+PATIENCE = 6
 
 
 def _pieces(n: int, size: int) -> list[slice]:
@@ -127,15 +130,19 @@ def refine(
     errors = f1 - f0 - torch.einsum("q,qtc->tc", weights, slopes)
     panels: Panels = [[(0.0, 1.0)] for _ in range(len(f0))]
     failing = [i for i in range(len(f0)) if quadrature.depth and not _within(errors[i], tolerance, i)]
-    active = [Piece(i, 0.0, 1.0, f0[i], f1[i]) for i in failing]
+    active = [Piece(i, 0.0, 1.0, f0[i], f1[i], errors[i]) for i in failing]
     kept: dict[int, list[Piece]] = {i: [] for i in failing}
+    stalled: dict[int, int] = {}  # levels in a row that did not halve a point's error
     for level in range(quadrature.depth if active else 0):
+        before = _total_error(active)
         parts = [h for p, h in zip(active, _split(segment, batch, active), strict=True) for h in h]
         parts = [replace(h, error=e) for h, e in zip(parts, quadrature.errors(segment, batch, parts), strict=True)]
+        after = _total_error(parts)
         active = []
-        for failing in _failing(parts, tolerance).values():
-            if level < quadrature.depth - 1:
-                active += failing[:MAX_ACTIVE]  # beyond these, rounding noise rather than kinks
+        for point, failing in _failing(parts, tolerance).items():
+            stalled[point] = 0 if after[point] <= before[point] / 2 else stalled.get(point, 0) + 1
+            if level < quadrature.depth - 1 and stalled[point] < PATIENCE:  # refined only while it pays
+                active += failing[:MAX_ACTIVE]
         kept_now = {id(h) for h in active}
         for h in parts:
             if id(h) not in kept_now:
@@ -146,6 +153,14 @@ def refine(
         panels[point] = [(p.a, p.b) for p in pieces]
         errors[point] = torch.stack([p.error for p in pieces]).sum(0)
     return panels, errors
+
+
+def _total_error(pieces: list[Piece]) -> dict[int, float]:
+    """Each point's summed largest error over its pieces."""
+    total: dict[int, float] = {}
+    for piece in pieces:
+        total[piece.point] = total.get(piece.point, 0.0) + float(piece.error.abs().max())
+    return total
 
 
 def _failing(parts: list[Piece], tolerance: Tensor) -> dict[int, list[Piece]]:
@@ -183,23 +198,24 @@ def _split(segment: Segment, batch: Batch, pieces: list[Piece]) -> list[list[Pie
 def _merged(
     quadrature: Quadrature, segment: Segment, batch: Batch, kept: dict[int, list[Piece]], tolerance: Tensor
 ) -> dict[int, list[Piece]]:
-    """Each point's panels in order, merged: from the first panel not yet covered, the longest run of panels whose
-    union keeps within tolerance becomes one panel (every point's every extension tried in one pass)."""
+    """Each point's panels in order, neighbours merged while the merged panel keeps within tolerance: passes over
+    adjacent pairs, from even then odd positions, every point's pairs tried in one call, until a pass merges none."""
     queues = {point: sorted(pieces, key=lambda p: p.a) for point, pieces in kept.items()}
-    merged: dict[int, list[Piece]] = {point: [] for point in queues}
-    while any(queues.values()):
-        tried = [(point, j) for point, queue in queues.items() for j in range(1, len(queue))]
-        joined = [replace(queues[p][0], b=queues[p][j].b, fb=queues[p][j].fb) for p, j in tried]
-        longest = {point: 0 for point, queue in queues.items() if queue}
-        for (point, j), error in zip(tried, quadrature.errors(segment, batch, joined) if joined else (), strict=True):
-            if _within(error, tolerance, point) and j > longest[point]:
-                longest[point] = j
-                queues[point][j] = replace(queues[point][j], error=error)
-        for point, j in longest.items():
-            first, last = queues[point][0], queues[point][j]
-            merged[point].append(first if j == 0 else replace(first, b=last.b, fb=last.fb, error=last.error))
-            del queues[point][: j + 1]
-    return merged
+    offset, idle = 0, 0
+    while idle < 2:
+        tried = [(point, k) for point, queue in queues.items() for k in range(offset, len(queue) - 1, 2)]
+        joined = [replace(queues[p][k], b=queues[p][k + 1].b, fb=queues[p][k + 1].fb) for p, k in tried]
+        errors = quadrature.errors(segment, batch, joined) if joined else ()
+        merges = [
+            (p, k, replace(j, error=e))
+            for (p, k), j, e in zip(tried, joined, errors, strict=True)
+            if _within(e, tolerance, p)
+        ]
+        for point, k, piece in reversed(merges):  # from the right, so that positions stay valid
+            queues[point][k : k + 2] = [piece]
+        idle = 0 if merges else idle + 1
+        offset = 1 - offset
+    return queues
 
 
 def integrated_jacobians(quadrature: Quadrature, segment: Segment, batch: Batch, panels: Panels, chunk: int) -> Tensor:

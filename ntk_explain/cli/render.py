@@ -35,6 +35,21 @@ def metrics_table(metrics: dict, distilled: dict | None = None) -> Table:
     return table
 
 
+PATH_METRICS = ("mean_kendall_tau", "mean_top10_overlap", "relative_residual", "steps", "optimizer")
+
+
+def path_table(attrs: dict) -> Table:
+    """The kGLM's explanation against the exact path kernel's, and how exact that was."""
+    table = Table(title="eNTK attribution against the exact path kernel", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in PATH_METRICS:
+        if key in attrs:
+            value = attrs[key]
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table
+
+
 def proponents_table(run: Path, rows: int, top: int) -> Table:
     """The strongest training proponents of the first `rows` explained points (rows of the source files)."""
     with store.open_run(run) as f:

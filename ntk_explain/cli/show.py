@@ -36,16 +36,20 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="A run file with a fitted surrogate.")],
     output: Output,
 ) -> None:
-    """Show the surrogate's faithfulness metrics, beside those of the distilled support's surrogate when both exist."""
+    """Show the surrogate's faithfulness metrics, beside those of the distilled support's surrogate when both exist,
+    and the agreement of its attribution with the exact path kernel's when the run holds /path."""
     from ntk_explain import store
-    from ntk_explain.cli.render import metrics_table
+    from ntk_explain.cli.render import PATH_METRICS, metrics_table, path_table
     from ntk_explain.store import layout
 
     found = store.faithfulness(run)
     full, distilled = found.get(layout.FAITHFULNESS), found.get(layout.within(layout.DISTILL, layout.FAITHFULNESS))
+    path = store.path_summary(run)
+    exact = {key: path[key] for key in PATH_METRICS if key in path} if path else None
     if output.as_json:
-        typer.echo(json.dumps({**(full or {}), **({"distilled": distilled} if distilled else {})}, default=str))
-    elif full is None:
-        stdout.print(metrics_table(distilled))
-    else:
-        stdout.print(metrics_table(full, distilled))
+        extra = {**({"distilled": distilled} if distilled else {}), **({"path": exact} if exact else {})}
+        typer.echo(json.dumps({**(full or {}), **extra}, default=str))
+        return
+    stdout.print(metrics_table(distilled) if full is None else metrics_table(full, distilled))
+    if exact and "mean_kendall_tau" in exact:
+        stdout.print(path_table(exact))

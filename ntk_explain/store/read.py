@@ -41,6 +41,13 @@ def saved_request(path: str | os.PathLike, group: str) -> str | None:
         return py_value(obj.attrs["request"]) if obj is not None and "request" in obj.attrs else None
 
 
+def path_summary(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The attributes of a finished /path (how exact the path kernel was, its agreement with the kGLM), or None."""
+    with open_run(path) as f:
+        group = f.get(layout.PATH)
+        return attrs_dict(group) if group is not None and "request" in group.attrs else None
+
+
 def faithfulness(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The attributes of /faithfulness and /distill/faithfulness, those present; neither is bad input."""
     with open_run(path) as f:
