@@ -21,9 +21,9 @@ from ntk_explain.loading.adapter import Batch, ModelAdapter
 
 Panels = list[list[tuple[float, float]]]  # per point, its panels (a, b) in order, covering [0, 1]
 SPLIT = 4  # a failing panel is cut into this many
-MAX_ACTIVE = 4  # a point's failing panels cut further per level, the largest errors first; a point is refined only
-# while its error halves at least every PATIENCE levels: rounding noise, or more kinks than refining pays for, stop it
-# (the stored residual says how exact the result is)
+MAX_ACTIVE = 4  # a point is refined while it has at most this many failing panels (kinks) at a level and its error
+# halves at least every PATIENCE levels: more kinks than that in one step (a CNN trained with large steps), or rounding
+# noise, stop it at about the cost of one panel (the stored residual says how exact the result is)
 PATIENCE = 6
 
 
@@ -133,6 +133,7 @@ def refine(
     active = [Piece(i, 0.0, 1.0, f0[i], f1[i], errors[i]) for i in failing]
     kept: dict[int, list[Piece]] = {i: [] for i in failing}
     stalled: dict[int, int] = {}  # levels in a row that did not halve a point's error
+    dense: set[int] = set()  # points with too many kinks: kept on the one panel
     for level in range(quadrature.depth if active else 0):
         before = _total_error(active)
         parts = [h for p, h in zip(active, _split(segment, batch, active), strict=True) for h in h]
@@ -141,14 +142,17 @@ def refine(
         active = []
         for point, failing in _failing(parts, tolerance).items():
             stalled[point] = 0 if after[point] <= before[point] / 2 else stalled.get(point, 0) + 1
-            if level < quadrature.depth - 1 and stalled[point] < PATIENCE:  # refined only while it pays
-                active += failing[:MAX_ACTIVE]
+            if len(failing) > MAX_ACTIVE:  # more kinks than that in one step: refining does not pay
+                dense.add(point)
+            elif level < quadrature.depth - 1 and stalled[point] < PATIENCE:
+                active += failing
         kept_now = {id(h) for h in active}
         for h in parts:
             if id(h) not in kept_now:
                 kept[h.point].append(h)
         if not active:
             break
+    kept = {point: pieces for point, pieces in kept.items() if point not in dense}
     for point, pieces in _merged(quadrature, segment, batch, kept, tolerance).items():
         panels[point] = [(p.a, p.b) for p in pieces]
         errors[point] = torch.stack([p.error for p in pieces]).sum(0)

@@ -40,7 +40,7 @@ PATH_METRICS = ("mean_kendall_tau", "mean_top10_overlap", "relative_residual", "
 
 def path_table(attrs: dict) -> Table:
     """The kGLM's explanation against the exact path kernel's, and how exact that was."""
-    table = Table(title="eNTK attribution against the exact path kernel", title_justify="left")
+    table = Table(title="kGLM against the path kernel", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in PATH_METRICS:

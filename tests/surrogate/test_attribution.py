@@ -165,11 +165,17 @@ def test_evaluate_without_a_surrogate_is_bad_input(tmp_path):
 
 
 def test_demo_end_to_end(tmp_path):
-    """The README's demo: train, save safetensors weights, compute, attribute; one JSON summary with --json."""
+    """The README's demo: train, save safetensors weights, compute, attribute, then the path-kernel section (a recorded
+    SGD training explained exactly beside its kGLM); one JSON summary with --json."""
     out = tmp_path / "demo" / "demo.h5"
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--epochs", "3", "--kernel", "trace", "--json"])
+    args = ["demo", "--out", str(out), "--epochs", "3", "--kernel", "trace", "--path-points", "2", "--json"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
+    exact = summary["path"]["path_kernel"]
+    assert exact["n_explained"] == 2 and exact["steps"] == "0:46" and -1 <= exact["mean_kendall_tau"] <= 1
+    with h5py.File(tmp_path / "demo" / "demo-path.h5") as f:
+        assert f["path/contributions"].shape == (2, 1438) and f["attribution/scores"].shape == (2, 1438)
     assert summary["test_accuracy"] > 0.8 and (tmp_path / "demo" / "demo.safetensors").is_file()
     assert 0 < summary["attribution"]["faithfulness"]["agreement"] <= 1
     with h5py.File(out) as f:
