@@ -30,9 +30,8 @@ def demo(
         int, typer.Option(help="Test points the path-kernel section explains exactly (0: skip it).", min=0)
     ] = 16,
 ) -> None:
-    """Train the zoo CNN on the built-in digits, compute its eNTK, and explain its test predictions; then train it
-    again with SGD and momentum in float64, recording the trajectory, and explain test points exactly by the path
-    kernel, beside the kGLM's explanation of the same network."""
+    """Train the zoo CNN on the built-in digits, compute its eNTK, explain its test predictions; then explain some
+    exactly by the path kernel of a recorded SGD training, beside that network's kGLM."""
     import torch
     from safetensors.torch import save_file
 
