@@ -101,7 +101,8 @@ def path_kernel(
         raise UsageError("path-kernel runs as one process (torchrun is not supported yet)")
     if not into:
         store.check_target(out, overwrite=how.overwrite or how.resume)
-    budget = devices.budget(resumed_resources(resources, out) if how.resume else resources)
+    resumed = how.resume and not into  # a new run's partial file records its budget; /path its sizes (`_kept_sizes`)
+    budget = devices.budget(resumed_resources(resources, out) if resumed else resources)
     loaded = load_inputs(inputs, budget, {"path": spec.to_params()}, 0)
     dtype = getattr(torch, inputs.dtype)
     with Trajectory(spec.trajectory) as trajectory:
@@ -200,6 +201,7 @@ def _attribution(run: store.H5File, m: int, n: int) -> tuple[np.ndarray, np.ndar
 def _write(run: store.H5File, work: _Work, spec: PathSpec, request: dict, how: Execution) -> dict:
     """/path, a row tile at a time (each checkpointed), then its attributes and the request it answers."""
     group = run.require_group(layout.PATH)
+    _kept_sizes(group, work)
     loaded, span, m = work.loaded, work.span, len(work.f_stop)
     train, explained = loaded.data["train"], loaded.data[work.split]
     n, k = len(train.inputs), min(spec.top_k, len(train.inputs))
@@ -222,6 +224,15 @@ def _write(run: store.H5File, work: _Work, spec: PathSpec, request: dict, how: E
         )
         _write_tile(group, made, rows, result, work, predicted[rows], attribution)
     return _finish(group, work, spec, request)
+
+
+def _kept_sizes(group: store.H5Group, work: _Work) -> None:
+    """The rows per tile, Jacobians per pass and points per JVP of the run that an interrupted one started (its tiles,
+    and so its numbers, stay the same whatever memory is free now); recorded on a new /path."""
+    if "sizes" in group.attrs:
+        work.tile, work.chunk, work.pairs = (int(v) for v in group.attrs["sizes"])
+    else:
+        group.attrs["sizes"] = np.array([work.tile, work.chunk, work.pairs], dtype=np.int64)
 
 
 def _write_tile(

@@ -37,6 +37,10 @@ def _as_numpy(tensor: Tensor) -> np.ndarray:
     return tensor.detach().cpu().to(torch.float64).numpy()
 
 
+def _numpy_dtype(tensor: Tensor) -> np.dtype:
+    return np.dtype(str(tensor.dtype).removeprefix("torch."))
+
+
 def check_trajectory(trajectory: Trajectory, net: ModelAdapter, n_train: int) -> None:
     """Refuse (BadInputError) a trajectory of another model (parameter names, shapes, fixed buffers), whose recorded
     final weights are not the model's, or whose batches name rows outside the training set."""
@@ -51,8 +55,12 @@ def check_trajectory(trajectory: Trajectory, net: ModelAdapter, n_train: int) ->
     for name, value in trajectory.constants().items():
         if name not in state or not np.array_equal(_as_numpy(state[name]), np.asarray(value, dtype=np.float64)):
             raise BadInputError(f"{path}: a trajectory of another model ({name} differs from the model's)")
-    final = trajectory.weights(trajectory.steps)
-    differ = [n for n in header.params if not np.array_equal(_as_numpy(state[n]), final[n].astype(np.float64))]
+    final = trajectory.weights(trajectory.steps)  # compared in the model's dtype (a float32 run may be read in float64)
+    differ = [
+        n
+        for n in header.params
+        if not np.array_equal(_as_numpy(state[n]), final[n].astype(_numpy_dtype(state[n])).astype(np.float64))
+    ]
     if differ:
         raise BadInputError(f"{path}: its recorded final weights differ from the model's --weights ({differ[0]}, …)")
     if header.loss != "cross_entropy" or header.reduction not in ("mean", "sum"):

@@ -262,6 +262,7 @@ def _update(path: Path, request: Mapping[str, Any] | None, resume: bool) -> Iter
             f = h5py.File(tmp, "r+", rdcc_nbytes=CACHE_BYTES)
             f.attrs["complete"] = False
             f.attrs["update"] = update  # marks the copy as an update's, resumable only with a request
+            f.flush()  # on disk before any of the update's own writes: a kill leaves a copy that says what it is
         yield f, resumed
         f.attrs.pop("update", None)
         f.attrs["complete"] = True

@@ -137,16 +137,25 @@ def test_bad_trajectories_are_refused(trained: Path, tmp_path: Path) -> None:
     _bad(cwd, [*PATH, "--out", "run.h5", "--weights", "w2.safetensors"], "final weights differ")
 
 
-def test_a_killed_path_kernel_resumes_to_the_same_numbers(trained: Path, tmp_path: Path) -> None:
-    reference = _copy(trained, tmp_path / "reference")
-    code, stderr = _driven(reference, [*PATH, "--out", "run.h5"], 0, "SIGKILL")
+@pytest.mark.parametrize("into", [False, True], ids=["new-run", "existing-run"])
+def test_a_killed_path_kernel_resumes_to_the_same_numbers(trained: Path, tmp_path: Path, into: bool) -> None:
+    target = ["--run", "run.h5"] if into else ["--out", "run.h5"]
+
+    def prepared(cwd: Path) -> Path:
+        if into:
+            inputs = [*MODEL, "--weights", "w.safetensors", "--train", "data.npz", "--test", "test.npz"]
+            assert run_cli(["compute", *inputs, "--out", "run.h5"], cwd).returncode == 0
+        return cwd
+
+    reference = prepared(_copy(trained, tmp_path / "reference"))
+    code, stderr = _driven(reference, [*PATH, *target], 0, "SIGKILL")
     assert code == 0, stderr
     whole, calls = _path(reference / "run.h5"), _calls(stderr)
     for at in (calls // 3, 2 * calls // 3):
-        cwd = _copy(trained, tmp_path / f"killed-{at}")
-        assert _driven(cwd, [*PATH, "--out", "run.h5"], at, "SIGKILL")[0] == -signal.SIGKILL
-        assert not (cwd / "run.h5").exists()
-        code, stderr = _driven(cwd, [*PATH, "--out", "run.h5", "--resume"], 0, "SIGKILL")
+        cwd = prepared(_copy(trained, tmp_path / f"killed-{at}"))
+        assert _driven(cwd, [*PATH, *target], at, "SIGKILL")[0] == -signal.SIGKILL
+        assert partial_path(cwd / "run.h5").exists() and (cwd / "run.h5").exists() == into
+        code, stderr = _driven(cwd, [*PATH, *target, "--resume"], 0, "SIGKILL")
         assert code == 0, stderr
         resumed = _path(cwd / "run.h5")
         assert all(np.array_equal(resumed[name], whole[name]) for name in whole)
