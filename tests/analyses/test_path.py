@@ -130,3 +130,11 @@ def _unflat(model: nn.Module, names: list[str], flat: torch.Tensor) -> dict[str,
     shapes = [p.shape for p in model.parameters()]
     parts = flat.split([s.numel() for s in shapes])
     return {n: part.reshape(s) for n, part, s in zip(names, parts, shapes, strict=True)}
+
+
+def test_a_float32_training_read_in_float64_is_exact_to_float32(tmp_path: Path) -> None:
+    x, y, test = _data((6,), 32)
+    model = mlp().float()
+    path = record(tmp_path / "t.h5", model, torch.optim.SGD(model.parameters(), lr=0.1), x.float(), y, 20, 8)
+    explained = explain(path, model.double(), x, y, test, depth=0)  # steps were float32 arithmetic
+    assert 1e-12 < explained.relative_residual < 1e-4
