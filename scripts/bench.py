@@ -47,6 +47,12 @@ What is measured
    random 12×12 images with `--batch-size 4` against auto (samples per forward/backward pass; the Gram tile comes
    from the memory budget in both), in one run.
 
+10. The exact path kernel: the zoo CNN trained 2 epochs (46 steps) of SGD with momentum 0.9 in float64 on the
+   digits, its trajectory recorded (`train`), its trace eNTK and kGLM (`compute`, `attribute`), then `path-kernel
+   --run` on the 359 test points (32 with --quick): wall time, peak RSS, the identity's relative residual, and the
+   rank agreement with the kGLM. The `explaind` package's EPK is the intended baseline; it needs Python >= 3.12 and
+   is reported as not installed where it cannot be.
+
 How
 ---
 Every measurement runs in a fresh subprocess (`bench.py --worker NAME ...`) that prints its
@@ -57,7 +63,7 @@ small (a vfork'ed child may inherit the parent's high-water mark). On CUDA the c
 after `torch.cuda.synchronize()` and `torch.cuda.max_memory_allocated()` is reported too.
 MB = 10**6 bytes throughout.
 
-    python scripts/bench.py                 # full run (about 30 minutes on 2 CPU cores)
+    python scripts/bench.py                 # full run (about 45 minutes on 2 CPU cores)
     python scripts/bench.py --quick         # N = 128 / 2048 / 256, single repeats, no workload 7 (a few minutes)
     python scripts/bench.py --full --json bench.json --device cuda
 """
@@ -65,6 +71,7 @@ MB = 10**6 bytes throughout.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -757,6 +764,49 @@ def workload_distill(args: argparse.Namespace, tmp: str, reduction: float) -> tu
     return rows, runs
 
 
+def workload_path(args: argparse.Namespace, tmp: str, n_test: int | None) -> tuple[list[Row], dict]:
+    """10: the exact path kernel of the demo CNN trained 2 epochs with SGD + momentum in float64 (trajectory
+    recorded), on the test digits, beside its kGLM explanation; the `explaind` package's EPK is the baseline where
+    it can be installed (it needs Python >= 3.12)."""
+    cnn = ["--model", "zoo:cnn", "--train", "zoo:digits", "--dtype", "float64", "--device", args.device]
+    weights, trajectory, run = (str(Path(tmp) / name) for name in ("sgd.safetensors", "sgd.traj.h5", "path.h5"))
+    explained = [*cnn, "--weights", weights, "--test", "zoo:digits", *(["--n-test", str(n_test)] if n_test else [])]
+    result = cli_pipeline(
+        [
+            [
+                "train",
+                *cnn,
+                "--lr",
+                "0.05",
+                "--momentum",
+                "0.9",
+                "--out",
+                weights,
+                "--trajectory",
+                trajectory,
+                "--json",
+            ],
+            ["compute", *explained, "--kernel", "trace", "--out", run, "--quiet", "--json"],
+            ["attribute", run, "--quiet", "--json"],
+        ]
+    )
+    exact = cli_pipeline([["path-kernel", *explained, "--trajectory", trajectory, "--run", run, "--json"]])
+    row = Row("10 path kernel, demo CNN (SGD + momentum)", 0)
+    if "error" in result or "error" in exact:
+        row.note = result.get("error") or exact["error"]
+    else:
+        summary = exact["outputs"][0]
+        row.n, row.ours_s, row.peak_ours_mb = summary["n_explained"], exact["wall_s"], exact["peak_rss_mb"]
+        row.note = (
+            f"{summary['steps']} steps, relative residual {summary['relative_residual']:.1e}; against the kGLM: "
+            f"τ {summary['mean_kendall_tau']:.3f}, top-10 overlap {summary['mean_top10_overlap']:.3f}; explaind: "
+            f"{'not installed' if importlib.util.find_spec('explaind') is None else 'installed, not yet driven'}"
+        )
+        print(f"{row.workload:<44} {row.ours_s:7.1f} s  {row.note}", flush=True)
+    exact["device"] = args.device
+    return [row], {"path": exact}
+
+
 def workload_quality(args: argparse.Namespace, tmp: str, n: int) -> tuple[list[Row], dict]:
     """6: pseudo features at d = 4096 against TRAK's dense Gaussian projection (implemented here): samples/s, cosine
     kernel error against the exact pseudo kernel (the mean over seeds 0, 1, 2; seed 0 alone with --quick), and the
@@ -906,10 +956,11 @@ def run_all(args: argparse.Namespace) -> None:
         "7": lambda tmp: workload_targets(args, tmp),
         "8": lambda tmp: workload_generic(args, tmp, n3 // 4, repeats),
         "9": lambda tmp: workload_batches(args, tmp, 200 if args.quick else 800, repeats),
+        "10": lambda tmp: workload_path(args, tmp, 32 if args.quick else None),
     }
     rows, raws = [], {}
     with tempfile.TemporaryDirectory(prefix="ntk-bench-") as tmp:
-        for key in (args.only or ("1,2,3,4,5,6,8,9" if args.quick else "1,2,3,4,5,6,7,8,9")).split(","):
+        for key in (args.only or ("1,2,3,4,5,6,8,9,10" if args.quick else "1,2,3,4,5,6,7,8,9,10")).split(","):
             found, raw = workloads[key](tmp)
             rows += found if isinstance(found, list) else [found]
             raws[key] = raw
@@ -936,7 +987,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--json", help="also save the figures to this JSON file")
     worker = parser.add_argument_group("worker (internal)")
-    parser.add_argument("--only", help="comma-separated workloads to run (default: 1-7; 1-6 with --quick)")
+    parser.add_argument("--only", help="comma-separated workloads to run (default: 1-10; all but 7 with --quick)")
     worker.add_argument(
         "--worker",
         choices=("ours", "naive", "project", "synthetic", "attribute", "weights", "quality", "generic", "batches"),

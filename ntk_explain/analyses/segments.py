@@ -21,6 +21,7 @@ from ntk_explain.loading.adapter import Batch, ModelAdapter
 
 Panels = list[list[tuple[float, float]]]  # per point, its panels (a, b) in order, covering [0, 1]
 SPLIT = 4  # a failing panel is cut into this many
+SHARED = 4  # points per distinct t at which a JVP shares each t's weights instead of giving every point its own
 MAX_ACTIVE = 4  # a point is refined while it has at most this many failing panels (kinks) at a level and its error
 # halves at least every PATIENCE levels: more kinks than that in one step (a CNN trained with large steps), or rounding
 # noise, stop it at about the cost of one panel (the stored residual says how exact the result is)
@@ -61,6 +62,15 @@ class Segment:
             params = {n: self.start[n] + tk * d for n, d in self.delta.items()}
             return jvp(lambda p: self._one({**p, **self.constants}, arrays, batch.keyword), (params,), (self.delta,))
 
+        if t.dim() and len(shared := torch.unique(t)) * SHARED <= len(t):  # few distinct t: each one's weights shared
+            values, slopes = None, None
+            for value in shared:
+                rows = (t == value).nonzero().squeeze(1)
+                v, d = self.values_and_slopes(batch[rows], value)
+                values = v.new_empty((len(t), *v.shape[1:])) if values is None else values
+                slopes = d.new_empty((len(t), *d.shape[1:])) if slopes is None else slopes
+                values[rows], slopes[rows] = v, d
+            return values, slopes
         parts = [
             vmap(one, in_dims=(0 if t.dim() else None, 0))(t[rows] if t.dim() else t, dict(batch[rows].arrays))
             for rows in _pieces(len(batch), self.chunk)
