@@ -154,10 +154,11 @@ def _new(out: Path, work: _Work, spec: PathSpec, request: dict, how: Execution) 
 def _into(out: Path, work: _Work, spec: PathSpec, request: dict, how: Execution) -> dict:
     with store.update_run(out, request=request, resume=how.resume) as (run, resumed):
         differ = [key for key in HASHES if run.attrs.get(key) != work.loaded.attrs[key]]
-        if differ:
-            raise BadInputError(
-                f"{out} is a run of another model or data ({differ[0].removesuffix('_sha256')} differs)"
-            )
+        sizes = {split: len(data.y) for split, data in work.loaded.data.items()}
+        held = {split: run[layout.data(split)]["labels"].shape[0] for split in sizes if layout.data(split) in run}
+        if differ or held != sizes:
+            what = differ[0].removesuffix("_sha256") if differ else f"points {held} against {sizes}"
+            raise BadInputError(f"{out} is a run of another model or data ({what} differs)")
         if layout.PATH in run and not resumed:
             if not how.overwrite:
                 raise BadInputError(f"{out} already has /{layout.PATH}; pass --overwrite to replace it")

@@ -99,6 +99,8 @@ def test_path_kernel_beside_the_kglm_explanation(trained: Path, tmp_path: Path) 
     shown = run_cli(["evaluate", "run.h5", "--json"], cwd)
     assert json.loads(shown.stdout)["path"]["mean_kendall_tau"] == pytest.approx(np.mean(taus))
     assert "mean_kendall_tau" in run_cli(["evaluate", "run.h5"], cwd).stdout
+    fewer = run_cli([*PATH, "--run", "run.h5", "--n-test", "4", "--overwrite"], cwd)
+    assert fewer.returncode == 3 and "another model or data" in fewer.stderr
     again = run_cli([*PATH, "--run", "run.h5"], cwd)
     assert again.returncode == 3 and "already has /path" in again.stderr
 
