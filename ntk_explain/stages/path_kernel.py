@@ -188,15 +188,19 @@ def _datasets(group: store.H5Group, work: _Work, spec: PathSpec, k: int, agreeme
     return made
 
 
-def _attribution(run: store.H5File, m: int, n: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The kGLM's attribution scores (M, N) of the explained class and that class (M,), when the run has them for
-    the same points."""
+def _attribution(run: store.H5File, m: int, n: int) -> store.H5Group | None:
+    """/attribution, the kGLM's explanation, when the run has it for the same points (its scores are read a tile at a
+    time)."""
     group = run.get(layout.ATTRIBUTION)
     if group is None or "scores" not in group or group["scores"].shape[:2] != (m, n):
         return None
-    classes = group["class"][()]
-    scores = group["scores"][()]
-    return (scores[np.arange(m), :, classes] if scores.ndim == 3 else scores), classes
+    return group
+
+
+def _kernel_scores(attribution: store.H5Group, rows: slice) -> tuple[np.ndarray, np.ndarray]:
+    """The kGLM's attribution scores (T, N) of the rows' explained class, and that class (T,)."""
+    classes, scores = attribution["class"][rows], attribution["scores"][rows]
+    return (scores[np.arange(len(classes)), :, classes] if scores.ndim == 3 else scores), classes
 
 
 def _write(run: store.H5File, work: _Work, spec: PathSpec, request: dict, how: Execution) -> dict:
@@ -243,7 +247,7 @@ def _write_tile(
     result: TileExplanation,
     work: _Work,
     predicted: np.ndarray,
-    attribution: tuple[np.ndarray, np.ndarray] | None,
+    attribution: store.H5Group | None,
 ) -> None:
     contributions = result.contributions.cpu()
     chosen = contributions[torch.arange(len(predicted)), :, torch.from_numpy(predicted)]
@@ -256,9 +260,9 @@ def _write_tile(
     for name, values in zip(EXTREMES, extremes(chosen, made["topk_index"].shape[1]), strict=True):
         made[name][rows] = values.numpy()
     if attribution is not None:
-        scores, classes = attribution
-        explained = contributions[torch.arange(len(predicted)), :, torch.from_numpy(classes[rows])].numpy()
-        tau, overlap = agreement(explained, scores[rows])
+        scores, classes = _kernel_scores(attribution, rows)
+        explained = contributions[torch.arange(len(predicted)), :, torch.from_numpy(classes)].numpy()
+        tau, overlap = agreement(explained, scores)
         made["kendall_tau"][rows], made["top10_overlap"][rows] = tau, overlap
     step_residual = group["step_residual"]
     step_residual[...] = np.maximum(step_residual[()], result.step_error.amax(0).cpu().numpy())
