@@ -65,7 +65,7 @@ def _batch_gradients(step: Step, chunk: int) -> Iterable[tuple[Tensor, Tensor, T
     zero = torch.zeros((), dtype=next(iter(segment.start.values())).dtype, device=step.inputs.device)
     for start in range(0, len(step.inputs), chunk):
         part = step.inputs[start : start + chunk]
-        logits = segment.values_and_slopes(part, zero)[0]
+        logits = segment.values(part, 0.0)
         labels = step.labels[start : start + chunk]
         derivative = torch.softmax(logits, dim=1) - torch.nn.functional.one_hot(labels, logits.shape[1]).to(logits)
         yield step.rows[start : start + chunk], segment.jacobians(part, zero), step.scale * derivative
@@ -107,13 +107,12 @@ def explain_tile(
     for step in steps:
         segment, c = step.segment, step.coefficients
         w = _flat(segment.start)
-        zero = w.new_zeros(())
         if result is None:
-            f_next = segment.values_and_slopes(tile, w.new_ones(()))[0]
+            f_next = segment.values(tile, 1.0)
             result = _empty(len(tile), n_train, f_next.shape[1], window, w)
         scaled = None
         if step.in_window:
-            f0 = segment.values_and_slopes(tile, zero)[0]
+            f0 = segment.values(tile, 0.0)
             pieces, error = refine(quadrature, segment, tile, f0, f_next, tolerance)
             integrated = integrated_jacobians(quadrature, segment, tile, pieces, chunk)
             seen += 1

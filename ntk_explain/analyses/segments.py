@@ -55,6 +55,12 @@ class Segment:
         """f(x) (C,) of one point at `state`."""
         return self.net.functional(state, Batch({k: a.unsqueeze(0) for k, a in arrays.items()}, keyword))[0]
 
+    def values(self, batch: Batch, t: float) -> Tensor:
+        """f(w(t), x) (n, C) of the batch at one t, without gradients."""
+        with torch.no_grad():
+            state = {**{n: self.start[n] + t * d for n, d in self.delta.items()}, **self.constants}
+            return self.net.functional(state, batch)
+
     def values_and_slopes(self, batch: Batch, t: Tensor) -> tuple[Tensor, Tensor]:
         """f(w(t_k), x_k) and d/dt f(w(t), x_k) at t_k (K, C) each: `t` (K,) per point, or one shared value (0-d)."""
 

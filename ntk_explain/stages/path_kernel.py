@@ -25,6 +25,7 @@ from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
 from ntk_explain.loading.adapter import Batch
 from ntk_explain.loading.files import sha256_file
 from ntk_explain.options import Budget, InputSpec, PathSpec, Resources, Shard
+from ntk_explain.stages.attribute import EXTREMES
 from ntk_explain.stages.execution import Execution
 from ntk_explain.stages.inputs import HASHES, Inputs, load_inputs
 from ntk_explain.stages.kernels import network_logits, rows_dataset, write_data
@@ -35,13 +36,7 @@ from ntk_explain.store import layout
 from ntk_explain.store.trajectory import Trajectory
 from ntk_explain.surrogate.attribution import extremes
 
-AGREEMENT_TOP = 10
-EXTREMES = (
-    "topk_index",
-    "topk_score",
-    "opp_index",
-    "opp_score",
-)  # the top-k overlap of the agreement with the kGLM explanation
+AGREEMENT_TOP = 10  # the top-k overlap of the agreement with the kGLM explanation
 
 
 @dataclass
@@ -257,7 +252,7 @@ def _write_tile(
     made["decay"][rows] = result.decay.cpu().numpy()
     made["residual"][rows] = residual.numpy()
     made["panels"][rows] = result.panels.cpu().numpy()
-    for name, values in zip(EXTREMES, extremes(chosen, made["topk_index"].shape[1]), strict=True):
+    for (name, _), values in zip(EXTREMES, extremes(chosen, made["topk_index"].shape[1]), strict=True):
         made[name][rows] = values.numpy()
     if attribution is not None:
         scores, classes = _kernel_scores(attribution, rows)
