@@ -265,7 +265,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 
 @dataclass(frozen=True)
 class PathSpec(Params):
-    """What `path-kernel` explains with: the trajectory file, Gauss–Legendre nodes per segment, the window of steps
+    """What `path-kernel` explains with: the trajectory file, Gauss–Legendre nodes on each of `panels` equal parts of a
+    segment (a composite rule shared by every point), the window of steps
     [start, stop) (None: all), whether every class's contributions are kept (else the network's predicted class),
     the top-k kept, and the adaptive refinement of each segment: split until a point's quadrature error on the step
     is at most `tolerance` (relative; None: 1e-12 in float64, 1e-5 in float32) × its change over the window / S,
@@ -278,9 +279,11 @@ class PathSpec(Params):
     top_k: int = 10
     tolerance: float | None = None
     depth: int = 40
+    panels: int = 1
 
     def __post_init__(self) -> None:
         _check(1 <= self.nodes <= 64, "--nodes must be in [1, 64]")
+        _check(1 <= self.panels <= 64, "--panels must be in [1, 64]")
         _check(self.top_k >= 1, "--top-k must be positive")
         _check(self.tolerance is None or self.tolerance > 0, "--tolerance must be positive")
         _check(0 <= self.depth <= 50, "--depth must be in [0, 50]")

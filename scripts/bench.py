@@ -49,9 +49,12 @@ What is measured
 
 10. The exact path kernel: the zoo CNN trained 2 epochs (46 steps) of SGD with momentum 0.9 in float64 on the
    digits, its trajectory recorded (`train`), its trace eNTK and kGLM (`compute`, `attribute`), then `path-kernel
-   --run` on the 359 test points (32 with --quick): wall time, peak RSS, the identity's relative residual, and the
-   rank agreement with the kGLM. The `explaind` package's EPK is the intended baseline; it needs Python >= 3.12 and
-   is reported as not installed where it cannot be.
+   --run --depth 0 --nodes 2 --panels 5` (10 shared nodes a step) on the 359 test points (32 with --quick): wall
+   time, peak RSS, the identity's relative residual, and the rank agreement with the kGLM; beside it the
+   `explaind` package's EPK (`ExactPathKernelModel.predict`, 10 midpoints per step, float32, per-training-point
+   kernels kept) of the same trajectory and test points, run by scripts/peers/explaind_epk.py in its own venv
+   (scripts/peers/setup_explaind.sh): its wall time, peak RSS and residual. Twice: on the demo's 1438 training
+   points, and on the first 1408 (every batch full, the case explaind's momentum handles exactly).
 
 How
 ---
@@ -71,7 +74,6 @@ MB = 10**6 bytes throughout.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -104,6 +106,7 @@ ATTRIBUTE_BUDGET = 2 * 10**9
 DISTILL_REDUCTION = 20
 GENERIC_MODELS = ("attention_torch", "attention_linear", "gru", "stdconv", "conv")  # workload 8's, generic_models.py
 GENERIC_TILE = 64
+PATH_RULE = (2, 5)  # workload 10: Gauss–Legendre nodes × equal panels per step, as many nodes as explaind's midpoints
 
 
 # ---------------------------------------------------------------- worker side (fresh process)
@@ -764,47 +767,73 @@ def workload_distill(args: argparse.Namespace, tmp: str, reduction: float) -> tu
     return rows, runs
 
 
+def explaind_python() -> Path:
+    """explaind's venv (scripts/peers/setup_explaind.sh), outside the repo."""
+    return Path(os.environ.get("NTK_PEERS_CACHE", Path.home() / ".cache/ntk-peers")) / "venv-explaind/bin/python"
+
+
+def explaind_epk(trajectory: str, n_train: int | None, n_test: int | None) -> dict[str, Any]:
+    """explaind's EPK of the trajectory (scripts/peers/explaind_epk.py, in its own venv): its JSON line and the
+    process's peak RSS, or {'error': ...}."""
+    python = explaind_python()
+    if not python.exists():
+        return {"error": f"not installed ({python}; bash scripts/peers/setup_explaind.sh)"}
+    command = [str(python), str(Path(__file__).parent / "peers/explaind_epk.py"), "--trajectory", trajectory]
+    command += [*(["--n-train", str(n_train)] if n_train else []), *(["--n-test", str(n_test)] if n_test else [])]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        out.seek(0), err.seek(0)
+        if os.waitstatus_to_exitcode(status):
+            return {"error": " ".join(err.read().strip().splitlines()[-1:])}
+        return {**json.loads(out.read().strip().splitlines()[-1]), "peak_rss_mb": usage.ru_maxrss * 1024 / MB}
+
+
 def workload_path(args: argparse.Namespace, tmp: str, n_test: int | None) -> tuple[list[Row], dict]:
     """10: the exact path kernel of the demo CNN trained 2 epochs with SGD + momentum in float64 (trajectory
-    recorded), on the test digits, beside its kGLM explanation; the `explaind` package's EPK is the baseline where
-    it can be installed (it needs Python >= 3.12)."""
-    cnn = ["--model", "zoo:cnn", "--train", "zoo:digits", "--dtype", "float64", "--device", args.device]
-    weights, trajectory, run = (str(Path(tmp) / name) for name in ("sgd.safetensors", "sgd.traj.h5", "path.h5"))
-    explained = [*cnn, "--weights", weights, "--test", "zoo:digits", *(["--n-test", str(n_test)] if n_test else [])]
-    result = cli_pipeline(
-        [
+    recorded), on the test digits, beside its kGLM explanation and beside the `explaind` package's EPK of the same
+    trajectory and points (its own venv). Twice: the demo's 1438 training points (a last batch of 30 each epoch) and
+    the first 1408 (every batch 64), since explaind's momentum scales past batches by the current batch's size."""
+    rows, raws = [], {}
+    for label, n_train in (("1438 train", None), ("1408 train, full batches", 1408)):
+        cnn = ["--model", "zoo:cnn", "--train", "zoo:digits", "--dtype", "float64", "--device", args.device]
+        cnn += ["--n-train", str(n_train)] if n_train else []
+        names = ("sgd.safetensors", "sgd.traj.h5", "path.h5")
+        weights, trajectory, run = (str(Path(tmp) / f"{n_train or 'all'}-{name}") for name in names)
+        explained = [*cnn, "--weights", weights, "--test", "zoo:digits", *(["--n-test", str(n_test)] if n_test else [])]
+        recipe = ["--lr", "0.05", "--momentum", "0.9", "--out", weights, "--trajectory", trajectory, "--json"]
+        result = cli_pipeline(
             [
-                "train",
-                *cnn,
-                "--lr",
-                "0.05",
-                "--momentum",
-                "0.9",
-                "--out",
-                weights,
-                "--trajectory",
-                trajectory,
-                "--json",
-            ],
-            ["compute", *explained, "--kernel", "trace", "--out", run, "--quiet", "--json"],
-            ["attribute", run, "--quiet", "--json"],
-        ]
-    )
-    exact = cli_pipeline([["path-kernel", *explained, "--trajectory", trajectory, "--run", run, "--json"]])
-    row = Row("10 path kernel, demo CNN (SGD + momentum)", 0)
-    if "error" in result or "error" in exact:
-        row.note = result.get("error") or exact["error"]
-    else:
-        summary = exact["outputs"][0]
-        row.n, row.ours_s, row.peak_ours_mb = summary["n_explained"], exact["wall_s"], exact["peak_rss_mb"]
-        row.note = (
-            f"{summary['steps']} steps, relative residual {summary['relative_residual']:.1e}; against the kGLM: "
-            f"τ {summary['mean_kendall_tau']:.3f}, top-10 overlap {summary['mean_top10_overlap']:.3f}; explaind: "
-            f"{'not installed' if importlib.util.find_spec('explaind') is None else 'installed, not yet driven'}"
+                ["train", *cnn, *recipe],
+                ["compute", *explained, "--kernel", "trace", "--out", run, "--quiet", "--json"],
+                ["attribute", run, "--quiet", "--json"],
+            ]
         )
-        print(f"{row.workload:<44} {row.ours_s:7.1f} s  {row.note}", flush=True)
-    exact["device"] = args.device
-    return [row], {"path": exact}
+        quadrature = ["--depth", "0", "--nodes", str(PATH_RULE[0]), "--panels", str(PATH_RULE[1])]
+        exact = cli_pipeline(
+            [["path-kernel", *explained, *quadrature, "--trajectory", trajectory, "--run", run, "--json"]]
+        )
+        peer = explaind_epk(trajectory, n_train, n_test) if "error" not in result else {"error": "not run"}
+        row = Row(f"10 path kernel vs explaind ({label})", 0)
+        if "error" in result or "error" in exact:
+            row.note = result.get("error") or exact["error"]
+        else:
+            summary = exact["outputs"][0]
+            row.n, row.ours_s, row.peak_ours_mb = summary["n_explained"], exact["wall_s"], exact["peak_rss_mb"]
+            row.naive_s, row.peak_naive_mb = peer.get("wall_s"), peer.get("peak_rss_mb")
+            theirs = peer.get("error") or (
+                f"relative residual {peer['relative_residual']:.1e} ({peer['midpoints']} midpoints, float32)"
+            )
+            row.note = (
+                f"{summary['steps']} steps, relative residual {summary['relative_residual']:.1e}; against the kGLM: "
+                f"τ {summary['mean_kendall_tau']:.3f}, top-10 overlap {summary['mean_top10_overlap']:.3f}; "
+                f"explaind: {theirs}"
+            )
+            print(f"{row.workload:<44} {row.ours_s:7.1f} s  {row.note}", flush=True)
+        exact["device"] = args.device
+        rows.append(row)
+        raws[f"{label}: path-kernel"], raws[f"{label}: explaind"] = exact, peer
+    return rows, raws
 
 
 def workload_quality(args: argparse.Namespace, tmp: str, n: int) -> tuple[list[Row], dict]:

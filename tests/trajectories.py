@@ -15,7 +15,7 @@ from ntk_explain.analyses.path import TileExplanation, explain_tile
 from ntk_explain.analyses.segments import Quadrature, panel_tolerance
 from ntk_explain.loading.adapter import Batch, ModelAdapter
 from ntk_explain.loading.data import Dataset
-from ntk_explain.stages.path_steps import check_trajectory, steps, weights_state, window
+from ntk_explain.stages.path_steps import check_trajectory, steps, tangent_plan, weights_state, window
 from ntk_explain.store.trajectory import Trajectory
 from ntk_explain.trajectory import Recorder
 
@@ -74,8 +74,13 @@ def explain(
     depth: int = 40,
     relative: float = 1e-12,
     span: tuple[int, int | None] | None = None,
+    panels: int = 1,
+    tangents: bool = True,
+    classes: Tensor | None = None,
 ) -> Explained:
-    """The path kernel of `explained` over the trajectory `path` of `model` trained on (x, y), in float64."""
+    """The path kernel of `explained` over the trajectory `path` of `model` trained on (x, y), in float64: Jacobians at
+    shared weights from the tangent engine (`tangents`, as `path-kernel` does) or by vmap(jacrev); every class's
+    contributions, or those of `classes`."""
     net, inputs = ModelAdapter(model), Batch.of(explained)
     train = Dataset(Batch.of(x), y, np.arange(len(x)), "memory", "")
     with Trajectory(path) as trajectory:
@@ -85,14 +90,16 @@ def explain(
             f_start = net.functional(weights_state(trajectory, chosen.start, CPU, F64), inputs)
             f_stop = net.functional(weights_state(trajectory, chosen.stop, CPU, F64), inputs)
         tolerance = panel_tolerance(f_start, f_stop, chosen.size, relative)
+        plan = tangent_plan(trajectory, net, inputs[:2], 2**28) if tangents else None
         result = explain_tile(
             inputs,
-            steps(trajectory, net, train, chosen, CPU, F64),
+            steps(trajectory, net, train, chosen, CPU, F64, tangents=plan),
             len(x),
             chosen.size,
-            Quadrature(nodes, depth),
+            Quadrature(nodes, depth, panels),
             tolerance,
             256,
+            classes,
         )
     return Explained(f_start, f_stop, result)
 

@@ -45,10 +45,12 @@ class Step:
 
 @dataclass
 class TileExplanation:
-    """A tile's contributions A (T, N, C), path kernel (T, N), weight-decay part D (T, C), each window step's
-    quadrature error (T, S_window; the largest over classes) and the panels used over the window (T,)."""
+    """A tile's contributions A (T, N) of each point's explained class (T, N, C with every class), their sum over the
+    training points Σ_i A (T, C) of every class, the path kernel (T, N), the weight-decay part D (T, C), each window
+    step's quadrature error (T, S_window; the largest over classes) and the panels used over the window (T,)."""
 
     contributions: Tensor
+    change: Tensor
     kernel: Tensor
     decay: Tensor
     step_error: Tensor
@@ -71,21 +73,29 @@ def _batch_gradients(step: Step, chunk: int) -> Iterable[tuple[Tensor, Tensor, T
         yield step.rows[start : start + chunk], segment.jacobians(part, zero), step.scale * derivative
 
 
-def _add_batch(effective: Tensor, step: Step, chunk: int, contributions: Tensor, kernel: Tensor) -> None:
-    """A(x, i) −= ρ E_r(x) J(x_i)ᵀ ℓ'_i and K_path(x, x_i) += ρ tr[E_r(x) J(x_i)ᵀ] for the batch of step r."""
+def _add_batch(
+    effective: Tensor, scale: float, step: Step, chunk: int, classes: Tensor | None, result: TileExplanation
+) -> None:
+    """For the batch of step r, with E_r = scale · `effective` (T, C, P): A(x, i) −= ρ E_r(x) J(x_i)ᵀ ℓ'_i (of the
+    explained class, or every class when `classes` is None), Σ_i A(x, i) alike for every class, and K_path(x, x_i)
+    += ρ tr[E_r(x) J(x_i)ᵀ]."""
+    t, c, p = effective.shape
+    flat = effective.reshape(t, c * p)
+    chosen = None if classes is None else effective[torch.arange(t, device=classes.device), classes]  # (T, P)
     for rows, jacobians, derivative in _batch_gradients(step, chunk):
-        gradients = torch.einsum("bcp,bc->bp", jacobians, derivative)
-        contributions.index_add_(1, rows, -torch.einsum("tcp,bp->tbc", effective, gradients))
-        kernel.index_add_(1, rows, step.scale * torch.einsum("tcp,bcp->tb", effective, jacobians))
+        gradients = torch.einsum("bcp,bc->bp", jacobians, derivative)  # ρ J(x_i)ᵀ ℓ'_i
+        if chosen is None:
+            result.contributions.index_add_(1, rows, torch.einsum("tcp,bp->tbc", effective, gradients), alpha=-scale)
+        else:
+            result.contributions.index_add_(1, rows, chosen @ gradients.T, alpha=-scale)
+        result.change -= scale * (effective @ gradients.sum(0))
+        result.kernel.index_add_(1, rows, flat @ jacobians.reshape(len(rows), c * p).T, alpha=scale * step.scale)
 
 
-def _carried(scaled: Tensor | None, carried: Tensor | None, mu: Tensor) -> Tensor | None:
-    """H_s = V_s + μ ⊙ H_{s+1} (None: zero)."""
-    if carried is not None:
-        carried = carried * mu if bool(mu.any()) else None
-    if scaled is None:
-        return carried
-    return scaled if carried is None else scaled + carried
+def _uniform(values: Tensor) -> float | None:
+    """The one value of a coefficient vector, or None when it varies (param groups of other settings)."""
+    first = values[0]
+    return float(first) if bool((values == first).all()) else None
 
 
 def explain_tile(
@@ -96,10 +106,12 @@ def explain_tile(
     quadrature: Quadrature,
     tolerance: Tensor,
     chunk: int,
+    classes: Tensor | None = None,
 ) -> TileExplanation:
     """The path kernel of the points of `tile` (T rows), `steps` given last first (the window's `window` steps, then
     the earlier ones whose gradients reach into it), over `n_train` training points; `tolerance` (T,) bounds each
-    quadrature panel's error, `chunk` the Jacobians formed at once."""
+    quadrature panel's error, `chunk` the Jacobians formed at once; `classes` (T,) the class whose contributions are
+    kept per point (None: every class). H_s is updated in place; E_r is formed only where a ≠ 0 or b varies."""
     result: TileExplanation | None = None
     carried: Tensor | None = None  # H_{s+1}
     f_next: Tensor | None = None  # f_{w_{s+1}} of the tile
@@ -109,7 +121,7 @@ def explain_tile(
         w = _flat(segment.start)
         if result is None:
             f_next = segment.values(tile, 1.0)
-            result = _empty(len(tile), n_train, f_next.shape[1], window, w)
+            result = _empty(len(tile), n_train, f_next.shape[1], window, w, classes is None)
         scaled = None
         if step.in_window:
             f0 = segment.values(tile, 0.0)
@@ -118,23 +130,33 @@ def explain_tile(
             seen += 1
             result.step_error[:, window - seen] = error.abs().amax(1)
             result.panels += torch.as_tensor([len(p) for p in pieces], device=w.device)
-            result.decay -= integrated @ (c.eta * c.decoupled * w)
-            scaled = integrated * (c.eta * c.precondition)
+            if bool(c.decoupled.any()):
+                result.decay -= integrated @ (c.eta * c.decoupled * w)
+            scaled = integrated.mul_(c.eta * c.precondition)  # V_s
             f_next = f0
-        carried = _carried(scaled, carried, c.mu)
+        if carried is not None and bool(c.mu.any()):
+            carried = carried.mul_(c.mu) if scaled is None else carried.mul_(c.mu).add_(scaled)
+        else:
+            carried = scaled
         if carried is None:
             break
-        effective = c.b * carried if scaled is None else c.a * scaled + c.b * carried
-        _add_batch(effective, step, chunk, result.contributions, result.kernel)
-        result.decay -= effective @ (c.coupled * w)
+        b = _uniform(c.b)
+        if b is not None and (scaled is None or not bool(c.a.any())):
+            effective, scale = carried, b
+        else:
+            effective, scale = (c.b * carried if scaled is None else c.a * scaled + c.b * carried), 1.0
+        _add_batch(effective, scale, step, chunk, classes, result)
+        if bool(c.coupled.any()):
+            result.decay -= scale * (effective @ (c.coupled * w))
     if result is None:
         raise ValueError("explain_tile needs at least one step")
     return result
 
 
-def _empty(n: int, n_train: int, n_classes: int, window: int, like: Tensor) -> TileExplanation:
+def _empty(n: int, n_train: int, n_classes: int, window: int, like: Tensor, every_class: bool) -> TileExplanation:
     return TileExplanation(
-        contributions=like.new_zeros((n, n_train, n_classes)),
+        contributions=like.new_zeros((n, n_train, n_classes) if every_class else (n, n_train)),
+        change=like.new_zeros((n, n_classes)),
         kernel=like.new_zeros((n, n_train)),
         decay=like.new_zeros((n, n_classes)),
         step_error=like.new_zeros((n, window)),

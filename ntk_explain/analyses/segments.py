@@ -5,6 +5,10 @@ is taken by Gauss–Legendre quadrature on panels of [0, 1]: one panel where the
 (a JVP, d/dt f(w(t), x)) already matches the exact change to `tolerance`, else halved until each panel does (kinks of
 ReLU or max-pooling, where a unit switches within the step, are enclosed in tiny panels) and the smooth neighbours
 merged back. Each point gets its own panels; points with the one panel [0, 1] share their nodes' weights.
+
+Jacobians at weights shared by a batch come from the tangent engine when the segment has a proved plan (`tangents`):
+one batched forward and C backward passes per weight state, a factorised layer's outer products formed once for
+all the states of a quadrature (`features.jacobian`); per-point weights (split panels) take `vmap(jacrev)`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vmap
 
+from ntk_explain.features.jacobian import jacobian, weighted_sum
+from ntk_explain.features.plan import TangentPlan
+from ntk_explain.features.tangents import tangent_factors
 from ntk_explain.loading.adapter import Batch, ModelAdapter
 
 Panels = list[list[tuple[float, float]]]  # per point, its panels (a, b) in order, covering [0, 1]
@@ -43,13 +50,19 @@ def gauss_legendre(nodes: int) -> tuple[np.ndarray, np.ndarray]:
 @dataclass(frozen=True)
 class Segment:
     """The segment w(t) = start + t·delta of the trained parameters (name → tensor, in order), with the fixed
-    `constants` (buffers, frozen parameters); `net` evaluates the model on it."""
+    `constants` (buffers, frozen parameters); `net` evaluates the model on it, `tangents` (a plan of the trained
+    parameters in the same order, proved on the model) gives batched Jacobians at shared weights."""
 
     net: ModelAdapter
     start: dict[str, Tensor]
     delta: dict[str, Tensor]
     constants: dict[str, Tensor]
     chunk: int = 256  # the most points of one vmapped JVP (each may carry its own weights)
+    tangents: TangentPlan | None = None
+
+    def weights(self, t: float | Tensor) -> dict[str, Tensor]:
+        """w(t) of the trained parameters."""
+        return {n: self.start[n] + t * d for n, d in self.delta.items()}
 
     def _one(self, state: dict[str, Tensor], arrays: dict[str, Tensor], keyword: bool) -> Tensor:
         """f(x) (C,) of one point at `state`."""
@@ -58,8 +71,7 @@ class Segment:
     def values(self, batch: Batch, t: float) -> Tensor:
         """f(w(t), x) (n, C) of the batch at one t, without gradients."""
         with torch.no_grad():
-            state = {**{n: self.start[n] + t * d for n, d in self.delta.items()}, **self.constants}
-            return self.net.functional(state, batch)
+            return self.net.functional({**self.weights(t), **self.constants}, batch)
 
     def values_and_slopes(self, batch: Batch, t: Tensor) -> tuple[Tensor, Tensor]:
         """f(w(t_k), x_k) and d/dt f(w(t), x_k) at t_k (K, C) each: `t` (K,) per point, or one shared value (0-d)."""
@@ -83,8 +95,17 @@ class Segment:
         ]
         return torch.cat([v for v, _ in parts]), torch.cat([d for _, d in parts])
 
+    def summed_jacobians(self, batch: Batch, nodes: Tensor, weights: Tensor) -> Tensor:
+        """Σ_q ω_q J_{w(t_q)}(x) (n, C, P) of the batch at the shared nodes t_q with weights ω_q."""
+        if self.tangents is None:
+            return sum(w * self.jacobians(batch, t) for t, w in zip(nodes, weights, strict=True))
+        parts = [tangent_factors(self.net, replace(self.tangents, params=self.weights(t)), batch) for t in nodes]
+        return jacobian(self.tangents, weighted_sum(parts, list(weights)))
+
     def jacobians(self, batch: Batch, t: Tensor) -> Tensor:
         """J_{w(t_k)}(x_k) (K, C, P) over the trained parameters, flattened in order: `t` (K,) or shared (0-d)."""
+        if not t.dim() and self.tangents is not None:
+            return self.summed_jacobians(batch, t[None], torch.ones(1, dtype=t.dtype, device=t.device))
         names = list(self.delta)
 
         def one(tk: Tensor, arrays: dict[str, Tensor]) -> Tensor:
@@ -97,14 +118,24 @@ class Segment:
 
 @dataclass(frozen=True)
 class Quadrature:
-    """Gauss–Legendre with `nodes` per panel; a panel is kept once its error is at most the point's tolerance, after
-    at most `depth` halvings."""
+    """Gauss–Legendre with `nodes` on each of `panels` equal parts of a panel (a composite rule; the parts' nodes are
+    shared by every point, so they go through batched Jacobians); a panel is kept once its error is at most the
+    point's tolerance, after at most `depth` splits."""
 
     nodes: int
     depth: int
+    panels: int = 1
+
+    @property
+    def size(self) -> int:
+        """The rule's nodes on one panel."""
+        return self.nodes * self.panels
 
     def rule(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Nodes t_q ∈ (0, 1) and weights ω_q (Σ ω_q = 1) of the composite rule on [0, 1]."""
         t, w = gauss_legendre(self.nodes)
+        starts = np.arange(self.panels)[:, None] / self.panels
+        t, w = (starts + t / self.panels).reshape(-1), np.tile(w / self.panels, self.panels)
         return torch.as_tensor(t, dtype=dtype, device=device), torch.as_tensor(w, dtype=dtype, device=device)
 
     def errors(self, segment: Segment, batch: Batch, pieces: list[Piece]) -> Tensor:
@@ -114,8 +145,8 @@ class Quadrature:
         a = torch.tensor([p.a for p in pieces], dtype=nodes.dtype, device=nodes.device)
         b = torch.tensor([p.b for p in pieces], dtype=nodes.dtype, device=nodes.device)
         t = (a[:, None] + (b - a)[:, None] * nodes).reshape(-1)
-        rows = torch.as_tensor([p.point for p in pieces], device=batch.device).repeat_interleave(self.nodes)
-        slopes = segment.values_and_slopes(batch[rows], t)[1].reshape(len(pieces), self.nodes, -1)
+        rows = torch.as_tensor([p.point for p in pieces], device=batch.device).repeat_interleave(self.size)
+        slopes = segment.values_and_slopes(batch[rows], t)[1].reshape(len(pieces), self.size, -1)
         change = torch.stack([p.fb - p.fa for p in pieces])
         return change - (b - a)[:, None] * torch.einsum("q,kqc->kc", weights, slopes)
 
@@ -245,12 +276,19 @@ def integrated_jacobians(quadrature: Quadrature, segment: Segment, batch: Batch,
     nodes, weights = quadrature.rule(dtype, batch.device)
     whole = torch.as_tensor([i for i, p in enumerate(panels) if p == [(0.0, 1.0)]], dtype=torch.long)
     total: Tensor | None = None
-    for node, weight in zip(nodes, weights, strict=True):
-        for rows in whole.split(chunk) if len(whole) else ():
-            total = _added(total, weight * segment.jacobians(batch[rows.to(batch.device)], node), rows, len(panels))
+    if len(whole) == len(panels):  # every point on the one panel: each chunk written in place
+        for rows in _pieces(len(panels), chunk):
+            part = segment.summed_jacobians(batch[rows], nodes, weights)
+            if rows.stop - rows.start == len(panels):
+                return part
+            total = part.new_empty((len(panels), *part.shape[1:])) if total is None else total
+            total[rows] = part
+        return total
+    for rows in whole.split(chunk) if len(whole) else ():
+        total = _added(total, segment.summed_jacobians(batch[rows.to(batch.device)], nodes, weights), rows, len(panels))
     split = [(i, a, b) for i, p in enumerate(panels) if p != [(0.0, 1.0)] for a, b in p]
     if split:
-        point = torch.as_tensor([i for i, _, _ in split]).repeat_interleave(quadrature.nodes)
+        point = torch.as_tensor([i for i, _, _ in split]).repeat_interleave(quadrature.size)
         a = torch.tensor([a for _, a, _ in split], dtype=dtype, device=batch.device)[:, None]
         width = torch.tensor([b - a for _, a, b in split], dtype=dtype, device=batch.device)[:, None]
         t, w = (a + width * nodes).reshape(-1), (width * weights).reshape(-1)

@@ -45,6 +45,9 @@ def path_kernel(
         Path | None, typer.Option(help="An existing run file of the same model, weights and data to add /path to.")
     ] = None,
     nodes: Annotated[int, typer.Option(help="Gauss–Legendre nodes per quadrature panel.", min=1, max=64)] = 8,
+    panels: Annotated[
+        int, typer.Option(help="Equal panels of every segment, shared by all points (a composite rule).", min=1, max=64)
+    ] = 1,
     steps: Annotated[
         str | None, typer.Option(help="The window a:b of training steps explained (default: all).")
     ] = None,
@@ -53,12 +56,14 @@ def path_kernel(
     tolerance: Annotated[
         float | None, typer.Option(help="Relative quadrature tolerance (default 1e-12 in float64, 1e-5 in float32).")
     ] = None,
-    depth: Annotated[int, typer.Option(help="Most halvings of a segment's panels (0: never split).", min=0)] = 40,
+    depth: Annotated[
+        int, typer.Option(help="Most levels of splitting a failing panel in 4 (0: never split).", min=0)
+    ] = 40,
 ) -> None:
     """The exact path kernel of a recorded training: each training point's contribution to each prediction."""
     if (out is None) == (run is None):
         raise UsageError("give one of --out (a new run file) or --run (an existing one)")
-    spec = PathSpec(str(trajectory), nodes, step_window(steps), all_classes, top_k, tolerance, depth)
+    spec = PathSpec(str(trajectory), nodes, step_window(steps), all_classes, top_k, tolerance, depth, panels)
     from ntk_explain.stages.path_kernel import path_kernel as run_path_kernel  # after the checks: it loads torch
 
     target = out if out is not None else run

@@ -131,7 +131,7 @@ def tangent_factors(model: nn.Module | ModelAdapter, plan: TangentPlan, x: Tenso
     for i, layer in enumerate(plan.formed, start=layers):
         columns |= _formed_columns(module_of[i], layer, jac_eps[i], calls[i])
     for i, lookup in enumerate(plan.formed_lookups, start=first_formed_lookup):
-        columns[lookup.weight] = _lookup_columns(lookup, _unpadded(lookup, deltas(i), sites(i)), sites(i))
+        columns[lookup.weight] = lookup_columns(lookup, _unpadded(lookup, deltas(i), sites(i)), sites(i))
     dense = [columns[name] for name in plan.dense]
     lookups = range(formed, first_formed_lookup)
     return Factors(
@@ -293,7 +293,7 @@ def _affine_columns(
     return columns
 
 
-def _lookup_columns(lookup: Lookup, delta: Tensor, rows: Tensor) -> Tensor:
+def lookup_columns(lookup: Lookup, delta: Tensor, rows: Tensor) -> Tensor:
     """∂o/∂E (n, K, V·d) of a formed lookup: row j holds Σ_{s: i_s = j} δ_s, from δ (n, K, S, d) and rows i (n, S)."""
     n, k, _, d = delta.shape
     table = delta.new_zeros((n, k, lookup.rows, d))

@@ -22,6 +22,7 @@ from ntk_explain import store
 from ntk_explain.analyses.path import TileExplanation, explain_tile
 from ntk_explain.analyses.segments import Quadrature, panel_tolerance
 from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
+from ntk_explain.features.plan import TangentPlan
 from ntk_explain.loading.adapter import Batch
 from ntk_explain.loading.files import sha256_file
 from ntk_explain.options import Budget, InputSpec, PathSpec, Resources, Shard
@@ -29,7 +30,7 @@ from ntk_explain.stages.attribute import EXTREMES
 from ntk_explain.stages.execution import Execution
 from ntk_explain.stages.inputs import HASHES, Inputs, load_inputs
 from ntk_explain.stages.kernels import network_logits, rows_dataset, write_data
-from ntk_explain.stages.path_steps import Window, check_trajectory, steps, weights_state, window
+from ntk_explain.stages.path_steps import Window, check_trajectory, steps, tangent_plan, weights_state, window
 from ntk_explain.stages.resume import finished, kept_partial, resumed_resources
 from ntk_explain.stages.rows import resumable_tiles
 from ntk_explain.store import layout
@@ -42,7 +43,8 @@ AGREEMENT_TOP = 10  # the top-k overlap of the agreement with the kGLM explanati
 @dataclass
 class _Work:
     """What the tiles share: the loaded inputs, the trajectory and its window, the explained split, the values at
-    the window's ends (M, C), the quadrature, and the rows per tile, Jacobians per pass and points per JVP."""
+    the window's ends (M, C), the quadrature, the tangent plan, and the rows per tile, Jacobians per pass and points
+    per JVP."""
 
     loaded: Inputs
     trajectory: Trajectory
@@ -52,6 +54,7 @@ class _Work:
     f_stop: Tensor
     quadrature: Quadrature
     tolerance: Tensor
+    tangents: TangentPlan
     tile: int
     chunk: int
     pairs: int
@@ -133,8 +136,10 @@ def _work(loaded: Inputs, trajectory: Trajectory, span: Window, spec: PathSpec, 
     tile, chunk, pairs = _sizes(
         len(explained), len(loaded.data["train"].inputs), f_stop.shape[1], n_params, itemsize, loaded.budget
     )
-    quadrature = Quadrature(spec.nodes, spec.depth)
-    return _Work(loaded, trajectory, span, split, f_start, f_stop, quadrature, tolerance, tile, chunk, pairs)
+    quadrature = Quadrature(spec.nodes, spec.depth, spec.panels)
+    probe = loaded.data["train"].inputs[:2].to(loaded.budget.device, dtype)
+    tangents = tangent_plan(trajectory, loaded.net, probe, loaded.budget.bytes // 4)
+    return _Work(loaded, trajectory, span, split, f_start, f_stop, quadrature, tolerance, tangents, tile, chunk, pairs)
 
 
 def _new(out: Path, work: _Work, spec: PathSpec, request: dict, how: Execution) -> dict:
@@ -183,19 +188,19 @@ def _datasets(group: store.H5Group, work: _Work, spec: PathSpec, k: int, agreeme
     return made
 
 
-def _attribution(run: store.H5File, m: int, n: int) -> store.H5Group | None:
-    """/attribution, the kGLM's explanation, when the run has it for the same points (its scores are read a tile at a
-    time)."""
+def _attribution(run: store.H5File, predicted: np.ndarray, n: int) -> store.H5Group | None:
+    """/attribution, the kGLM's explanation, when the run has it for the same points and explained classes (its scores
+    are read a tile at a time)."""
     group = run.get(layout.ATTRIBUTION)
-    if group is None or "scores" not in group or group["scores"].shape[:2] != (m, n):
+    if group is None or "scores" not in group or group["scores"].shape[:2] != (len(predicted), n):
         return None
-    return group
+    return group if np.array_equal(group["class"][()], predicted) else None
 
 
-def _kernel_scores(attribution: store.H5Group, rows: slice) -> tuple[np.ndarray, np.ndarray]:
-    """The kGLM's attribution scores (T, N) of the rows' explained class, and that class (T,)."""
+def _kernel_scores(attribution: store.H5Group, rows: slice) -> np.ndarray:
+    """The kGLM's attribution scores (T, N) of the rows' explained class (the network's prediction, as here)."""
     classes, scores = attribution["class"][rows], attribution["scores"][rows]
-    return (scores[np.arange(len(classes)), :, classes] if scores.ndim == 3 else scores), classes
+    return scores[np.arange(len(classes)), :, classes] if scores.ndim == 3 else scores
 
 
 def _write(run: store.H5File, work: _Work, spec: PathSpec, request: dict, how: Execution) -> dict:
@@ -206,7 +211,7 @@ def _write(run: store.H5File, work: _Work, spec: PathSpec, request: dict, how: E
     train, explained = loaded.data["train"], loaded.data[work.split]
     n, k = len(train.inputs), min(spec.top_k, len(train.inputs))
     predicted = run[layout.data(work.split)]["nn_logits"][()].argmax(1)
-    attribution = _attribution(run, m, n)
+    attribution = _attribution(run, predicted, n)
     made = _datasets(group, work, spec, k, attribution is not None)
     for name, values in (("f_initial", work.f_start), ("f_final", work.f_stop)):
         if name not in group:
@@ -218,10 +223,10 @@ def _write(run: store.H5File, work: _Work, spec: PathSpec, request: dict, how: E
     device, dtype = loaded.budget.device, work.f_stop.dtype
     for _, rows in resumable_tiles(made["contributions"], m, work.tile, how.progress, "path kernel"):
         tile = explained.inputs[rows].to(device, dtype)
-        steps_of = steps(work.trajectory, loaded.net, train, span, device, dtype, work.pairs)
-        result = explain_tile(
-            tile, steps_of, n, span.size, work.quadrature, work.tolerance[rows].to(device), work.chunk
-        )
+        steps_of = steps(work.trajectory, loaded.net, train, span, device, dtype, work.pairs, work.tangents)
+        classes = None if spec.all_classes else torch.from_numpy(predicted[rows]).to(device)
+        tolerance = work.tolerance[rows].to(device)
+        result = explain_tile(tile, steps_of, n, span.size, work.quadrature, tolerance, work.chunk, classes)
         _write_tile(group, made, rows, result, work, predicted[rows], attribution)
     return _finish(group, work, spec, request)
 
@@ -245,9 +250,10 @@ def _write_tile(
     attribution: store.H5Group | None,
 ) -> None:
     contributions = result.contributions.cpu()
-    chosen = contributions[torch.arange(len(predicted)), :, torch.from_numpy(predicted)]
-    residual = work.f_stop[rows] - work.f_start[rows] - contributions.sum(1) - result.decay.cpu()
-    made["contributions"][rows] = (contributions if made["contributions"].ndim == 3 else chosen).numpy()
+    every = contributions.dim() == 3
+    chosen = contributions[torch.arange(len(predicted)), :, torch.from_numpy(predicted)] if every else contributions
+    residual = work.f_stop[rows] - work.f_start[rows] - result.change.cpu() - result.decay.cpu()
+    made["contributions"][rows] = contributions.numpy()
     made["kernel"][rows] = result.kernel.cpu().numpy()
     made["decay"][rows] = result.decay.cpu().numpy()
     made["residual"][rows] = residual.numpy()
@@ -255,9 +261,7 @@ def _write_tile(
     for (name, _), values in zip(EXTREMES, extremes(chosen, made["topk_index"].shape[1]), strict=True):
         made[name][rows] = values.numpy()
     if attribution is not None:
-        scores, classes = _kernel_scores(attribution, rows)
-        explained = contributions[torch.arange(len(predicted)), :, torch.from_numpy(classes)].numpy()
-        tau, overlap = agreement(explained, scores)
+        tau, overlap = agreement(chosen.numpy(), _kernel_scores(attribution, rows))
         made["kendall_tau"][rows], made["top10_overlap"][rows] = tau, overlap
     step_residual = group["step_residual"]
     step_residual[...] = np.maximum(step_residual[()], result.step_error.amax(0).cpu().numpy())
@@ -286,6 +290,7 @@ def _finish(group: store.H5Group, work: _Work, spec: PathSpec, request: dict) ->
         "loss": f"{header.loss} ({header.reduction})",
         "steps": f"{work.span.start}:{work.span.stop}",
         "nodes": spec.nodes,
+        "panels": spec.panels,
         "depth": spec.depth,
         "tolerance": spec.relative_tolerance(str(work.f_stop.dtype).removeprefix("torch.")),
         "split": work.split,

@@ -4,7 +4,7 @@ as `analyses.path.Step`s on the device."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -13,6 +13,8 @@ from torch import Tensor
 from ntk_explain.analyses.path import Step
 from ntk_explain.analyses.segments import Segment
 from ntk_explain.errors import BadInputError
+from ntk_explain.features.plan import TangentPlan
+from ntk_explain.features.planning import plan_tangents
 from ntk_explain.loading.adapter import ModelAdapter
 from ntk_explain.loading.data import Dataset
 from ntk_explain.store.trajectory import Trajectory
@@ -97,8 +99,10 @@ def steps(
     device: torch.device,
     dtype: torch.dtype,
     pairs: int = 256,
+    tangents: TangentPlan | None = None,
 ) -> Iterator[Step]:
-    """The steps stop−1 … first of `span`, as `Step`s on `device` in `dtype`; `pairs`: the most points of one JVP."""
+    """The steps stop−1 … first of `span`, as `Step`s on `device` in `dtype`; `pairs`: the most points of one JVP,
+    `tangents`: the plan of the trained parameters (`tangent_plan`) for batched Jacobians."""
     header = trajectory.header
     sizes = [int(np.prod(shape)) for shape in header.shapes]
     constants = {n: v for n, v in weights_state(trajectory, 0, device, dtype).items() if n not in header.params}
@@ -109,7 +113,7 @@ def steps(
         rows = torch.as_tensor(trajectory.rows(index), device=device)
         yield Step(
             index=index,
-            segment=Segment(net, start, {n: after[n] - start[n] for n in start}, constants, pairs),
+            segment=Segment(net, start, {n: after[n] - start[n] for n in start}, constants, pairs, tangents),
             coefficients=coefficients(
                 header.optimizer, header.groups, header.params, sizes, index, trajectory.lr(index), moments, dtype
             ).to(device),
@@ -120,3 +124,14 @@ def steps(
             in_window=index >= span.start,
         )
         after = start
+
+
+def tangent_plan(trajectory: Trajectory, net: ModelAdapter, probe: Tensor, max_check_bytes: int) -> TangentPlan:
+    """The tangent plan of the trajectory's trained parameters, in its order, proved on the model at its weights by the
+    self-check on the `probe` rows (the plan is about how each parameter is used, so it holds at every step's
+    weights; `Segment` passes each state's values)."""
+    names = trajectory.header.params
+    plan = plan_tangents(net, probe, "logits", names, max_check_bytes=max_check_bytes)
+    if set(plan.params) != set(names):
+        raise BadInputError(f"{trajectory.path}: the model's trainable parameters are not the recorded ones")
+    return replace(plan, params={name: plan.params[name] for name in names})

@@ -91,13 +91,18 @@ def _flat_jacobian(model: nn.Module, names: list[str], flat: torch.Tensor, x: to
     return jacrev(f)(flat).numpy()
 
 
-def test_two_sgd_steps_equal_a_brute_force_computation(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("tangents", "panels"), [(True, 1), (False, 1), (True, 3)], ids=["tangents", "jacrev", "panels"]
+)
+def test_two_sgd_steps_equal_a_brute_force_computation(tmp_path: Path, tangents: bool, panels: int) -> None:
+    """Contributions and path kernel against explicit Jacobians integrated by scipy's fixed_quad, with Jacobians from
+    the tangent engine or vmap(jacrev), on one panel or a composite rule of three."""
     x, y, test = _data((6,), 6)
     model, lr = mlp(), 0.3
     names = [n for n, _ in model.named_parameters()]
     w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     path = record(tmp_path / "t.h5", model, torch.optim.SGD(model.parameters(), lr=lr), x, y, 2, 3, seed=1)
-    explained = explain(path, model, x, y, test, nodes=8, depth=0)
+    explained = explain(path, model, x, y, test, nodes=8, depth=0, panels=panels, tangents=tangents)
 
     batches = torch.randperm(6, generator=torch.Generator().manual_seed(1)).split(3)  # the rows `record` drew
     weights, contributions, kernel = [w0], np.zeros((6, 6, 3)), np.zeros((6, 6))
@@ -138,3 +143,19 @@ def test_a_float32_training_read_in_float64_is_exact_to_float32(tmp_path: Path) 
     path = record(tmp_path / "t.h5", model, torch.optim.SGD(model.parameters(), lr=0.1), x.float(), y, 20, 8)
     explained = explain(path, model.double(), x, y, test, depth=0)  # steps were float32 arithmetic
     assert 1e-12 < explained.relative_residual < 1e-4
+
+
+def test_the_explained_class_alone_and_every_class_agree(tmp_path: Path) -> None:
+    """Contributions of one class per point (the default of path-kernel) are those of every class at that class, and
+    the class sums Σ_i A kept for the residual are the every-class contributions summed over the training points."""
+    x, y, test = _data((6,), 12)
+    model = mlp()
+    path = record(tmp_path / "t.h5", model, optimizers()["momentum"](model), x, y, 8, 4)
+    every = explain(path, model, x, y, test, depth=0)
+    classes = torch.arange(len(test)) % 3
+    chosen = explain(path, model, x, y, test, depth=0, classes=classes)
+    picked = every.result.contributions[torch.arange(len(test)), :, classes]
+    assert torch.allclose(chosen.result.contributions, picked, rtol=0, atol=1e-14)
+    assert torch.allclose(chosen.result.change, every.result.contributions.sum(1), rtol=0, atol=1e-13)
+    assert torch.equal(chosen.result.kernel, every.result.kernel)
+    assert picked.abs().max() > 1e-3
