@@ -215,3 +215,12 @@ MODELS = {
     "positions": (positions, (3, 4), 0),
     "conv1d": (conv1d, (2, 5), 0),
 }
+
+
+def data(name: str, n: int, seed: int) -> torch.Tensor:
+    """n inputs of test model `name`: Gaussian, or token ids below its vocabulary (as float64)."""
+    _, shape, vocabulary = MODELS[name]
+    generator = torch.Generator().manual_seed(seed)
+    if vocabulary:
+        return torch.randint(0, vocabulary, (n, *shape), generator=generator).double()
+    return torch.randn(n, *shape, generator=generator, dtype=torch.float64)

@@ -9,7 +9,6 @@ forms each factorised layer's outer products once, for all states together.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -24,14 +23,16 @@ def weighted_sum(parts: Sequence[Factors], weights: Sequence[float | Tensor]) ->
     """The factors of Σ_q ω_q g_q(x) from those of each g_q (the same samples and plan): dense columns summed, δ
     scaled by ω_q and every state's sites joined (δ along axis 2, inputs and lookup indices along axis 1)."""
     pairs = list(zip(parts, weights, strict=True))
-    d0, w0 = pairs[0][0].dense, float(pairs[0][1])
+    dense = pairs[0][0].dense * float(pairs[0][1])
+    for part, weight in pairs[1:]:
+        dense.add_(part.dense, alpha=float(weight))
 
     def joined(pick: str, axis: int, scaled: bool) -> tuple[Tensor, ...]:
         layers = zip(*[[w * t if scaled else t for t in getattr(p, pick)] for p, w in pairs], strict=True)
         return tuple(torch.cat(tensors, dim=axis) for tensors in layers)
 
     return Factors(
-        dense=functools.reduce(lambda total, pw: total.add_(pw[0].dense, alpha=float(pw[1])), pairs[1:], w0 * d0),
+        dense=dense,
         deltas=joined("deltas", 2, True),
         inputs=joined("inputs", 1, False),
         lookup_deltas=joined("lookup_deltas", 2, True),

@@ -197,9 +197,9 @@ def _attribution(run: store.H5File, predicted: np.ndarray, n: int) -> store.H5Gr
     return group if np.array_equal(group["class"][()], predicted) else None
 
 
-def _kernel_scores(attribution: store.H5Group, rows: slice) -> np.ndarray:
-    """The kGLM's attribution scores (T, N) of the rows' explained class (the network's prediction, as here)."""
-    classes, scores = attribution["class"][rows], attribution["scores"][rows]
+def _kernel_scores(attribution: store.H5Group, rows: slice, classes: np.ndarray) -> np.ndarray:
+    """The kGLM's attribution scores (T, N) of the rows' explained `classes` (the network's prediction, as here)."""
+    scores = attribution["scores"][rows]
     return scores[np.arange(len(classes)), :, classes] if scores.ndim == 3 else scores
 
 
@@ -261,7 +261,7 @@ def _write_tile(
     for (name, _), values in zip(EXTREMES, extremes(chosen, made["topk_index"].shape[1]), strict=True):
         made[name][rows] = values.numpy()
     if attribution is not None:
-        tau, overlap = agreement(chosen.numpy(), _kernel_scores(attribution, rows))
+        tau, overlap = agreement(chosen.numpy(), _kernel_scores(attribution, rows, predicted))
         made["kendall_tau"][rows], made["top10_overlap"][rows] = tau, overlap
     step_residual = group["step_residual"]
     step_residual[...] = np.maximum(step_residual[()], result.step_error.amax(0).cpu().numpy())

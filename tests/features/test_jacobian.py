@@ -14,8 +14,7 @@ from ntk_explain.features.planning import plan_tangents
 from ntk_explain.features.tangents import tangent_factors
 from ntk_explain.loading.adapter import Batch
 from tests.architectures import ARCHITECTURES, reference_jacobian
-from tests.kernel.test_kernels import data
-from tests.models import MODELS
+from tests.models import MODELS, data
 from tests.reference import rel
 
 TOL = 1e-10

@@ -19,19 +19,10 @@ from ntk_explain.loading.models import load_model
 from ntk_explain.options import Budget, KernelSpec
 from ntk_explain.stages.kernels import compute_kernel
 from tests import reference
-from tests.models import MODELS
+from tests.models import MODELS, data
 from tests.reference import rel
 
 TOL = 1e-8
-
-
-def data(name: str, n: int, seed: int) -> torch.Tensor:
-    """n inputs of test model `name`: Gaussian, or token ids below its vocabulary (as float64)."""
-    _, shape, vocabulary = MODELS[name]
-    generator = torch.Generator().manual_seed(seed)
-    if vocabulary:
-        return torch.randint(0, vocabulary, (n, *shape), generator=generator).double()
-    return torch.randn(n, *shape, generator=generator, dtype=torch.float64)
 
 
 def computed(tmp_path, model, spec, train, test, batch_size=None, max_memory=2**30, tile=None):
