@@ -49,12 +49,14 @@ What is measured
 
 10. The exact path kernel: the zoo CNN trained 2 epochs (46 steps) of SGD with momentum 0.9 in float64 on the
    digits, its trajectory recorded (`train`), its trace eNTK and kGLM (`compute`, `attribute`), then `path-kernel
-   --run --depth 0 --nodes 2 --panels 5` (10 shared nodes a step) on the 359 test points (32 with --quick): wall
-   time, peak RSS, the identity's relative residual, and the rank agreement with the kGLM; beside it the
-   `explaind` package's EPK (`ExactPathKernelModel.predict`, 10 midpoints per step, float32, per-training-point
-   kernels kept) of the same trajectory and test points, run by scripts/peers/explaind_epk.py in its own venv
-   (scripts/peers/setup_explaind.sh): its wall time, peak RSS and residual. Twice: on the demo's 1438 training
-   points, and on the first 1408 (every batch full, the case explaind's momentum handles exactly).
+   --depth 0 --nodes 2 --panels 5` (10 shared nodes a step) on the 359 test points (32 with --quick), in float64
+   into the run (the rank agreement with the kGLM) and in float32 (explaind's precision) into a run of its own:
+   the stage's own time (its `seconds`: the tiles, without loading, the plan's self-check and the end values; the
+   process's wall time in the note), peak RSS, the identity's relative residual; beside it the `explaind` package's
+   EPK (`ExactPathKernelModel.predict` timed alone, 10 midpoints per step, float32, per-training-point kernels
+   kept) of the same trajectory and test points, run by scripts/peers/explaind_epk.py in its own venv
+   (scripts/peers/setup_explaind.sh): its time, peak RSS and residual. Twice: on the demo's 1438 training points,
+   and on the first 1408 (every batch full, the case explaind's momentum handles exactly).
 
 How
 ---
@@ -810,29 +812,39 @@ def workload_path(args: argparse.Namespace, tmp: str, n_test: int | None) -> tup
             ]
         )
         quadrature = ["--depth", "0", "--nodes", str(PATH_RULE[0]), "--panels", str(PATH_RULE[1])]
-        exact = cli_pipeline(
-            [["path-kernel", *explained, *quadrature, "--trajectory", trajectory, "--run", run, "--json"]]
-        )
+        path = ["path-kernel", *explained, *quadrature, "--trajectory", trajectory, "--json"]
+        runs = {  # float64 beside the kGLM (their agreement); float32 (the last --dtype counts) at explaind's precision
+            "float64": cli_pipeline([[*path, "--run", run]]),
+            "float32": cli_pipeline([[*path, "--dtype", "float32", "--out", str(Path(tmp) / f"{n_train}-f32.h5")]]),
+        }
         peer = explaind_epk(trajectory, n_train, n_test) if "error" not in result else {"error": "not run"}
-        row = Row(f"10 path kernel vs explaind ({label})", 0)
-        if "error" in result or "error" in exact:
-            row.note = result.get("error") or exact["error"]
-        else:
-            summary = exact["outputs"][0]
-            row.n, row.ours_s, row.peak_ours_mb = summary["n_explained"], exact["wall_s"], exact["peak_rss_mb"]
-            row.naive_s, row.peak_naive_mb = peer.get("wall_s"), peer.get("peak_rss_mb")
-            theirs = peer.get("error") or (
-                f"relative residual {peer['relative_residual']:.1e} ({peer['midpoints']} midpoints, float32)"
-            )
-            row.note = (
-                f"{summary['steps']} steps, relative residual {summary['relative_residual']:.1e}; against the kGLM: "
-                f"τ {summary['mean_kendall_tau']:.3f}, top-10 overlap {summary['mean_top10_overlap']:.3f}; "
-                f"explaind: {theirs}"
-            )
-            print(f"{row.workload:<44} {row.ours_s:7.1f} s  {row.note}", flush=True)
-        exact["device"] = args.device
-        rows.append(row)
-        raws[f"{label}: path-kernel"], raws[f"{label}: explaind"] = exact, peer
+        theirs = peer.get("error") or (
+            f"explaind {peer['wall_s']:.1f} s, relative residual {peer['relative_residual']:.1e} "
+            f"({peer['midpoints']} midpoints, float32)"
+        )
+        for precision, exact in runs.items():
+            row = Row(f"10 path kernel vs explaind ({label}, {precision})", 0)
+            if "error" in result or "error" in exact:
+                row.note = result.get("error") or exact["error"]
+            else:
+                summary = exact["outputs"][0]
+                row.n, row.ours_s, row.peak_ours_mb = summary["n_explained"], summary["seconds"], exact["peak_rss_mb"]
+                row.naive_s, row.peak_naive_mb = peer.get("wall_s"), peer.get("peak_rss_mb")
+                agreement = (
+                    f"; against the kGLM: τ {summary['mean_kendall_tau']:.3f}, top-10 overlap "
+                    f"{summary['mean_top10_overlap']:.3f}"
+                    if "mean_kendall_tau" in summary
+                    else ""
+                )
+                row.note = (
+                    f"{summary['steps']} steps, relative residual {summary['relative_residual']:.1e}, process "
+                    f"{exact['wall_s']:.1f} s{agreement}; {theirs}"
+                )
+                print(f"{row.workload:<44} {row.ours_s:7.1f} s  {row.note}", flush=True)
+            exact["device"] = args.device
+            rows.append(row)
+            raws[f"{label}: path-kernel {precision}"] = exact
+        raws[f"{label}: explaind"] = peer
     return rows, raws
 
 

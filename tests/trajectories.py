@@ -91,9 +91,13 @@ def explain(
             f_stop = net.functional(weights_state(trajectory, chosen.stop, CPU, F64), inputs)
         tolerance = panel_tolerance(f_start, f_stop, chosen.size, relative)
         plan = tangent_plan(trajectory, net, inputs[:2], 2**28) if tangents else None
+        forward, backward = (
+            steps(trajectory, net, train, chosen, CPU, F64, tangents=plan, forward=o) for o in (True, False)
+        )
         result = explain_tile(
             inputs,
-            steps(trajectory, net, train, chosen, CPU, F64, tangents=plan),
+            forward,
+            backward,
             len(x),
             chosen.size,
             Quadrature(nodes, depth, panels),

@@ -7,8 +7,8 @@ ReLU or max-pooling, where a unit switches within the step, are enclosed in tiny
 merged back. Each point gets its own panels; points with the one panel [0, 1] share their nodes' weights.
 
 Jacobians at weights shared by a batch come from the tangent engine when the segment has a proved plan (`tangents`):
-one batched forward and C backward passes per weight state, a factorised layer's outer products formed once for
-all the states of a quadrature (`features.jacobian`); per-point weights (split panels) take `vmap(jacrev)`.
+one batched forward and C backward passes per weight state (one with the explained class alone), each state's terms
+added in place (`features.jacobian`); per-point weights (split panels) take `vmap(jacrev)`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vmap
 
-from ntk_explain.features.jacobian import jacobian, weighted_sum
+from ntk_explain.features.jacobian import summed_jacobian
 from ntk_explain.features.plan import TangentPlan
 from ntk_explain.features.tangents import tangent_factors
 from ntk_explain.loading.adapter import Batch, ModelAdapter
@@ -59,6 +59,8 @@ class Segment:
     constants: dict[str, Tensor]
     chunk: int = 256  # the most points of one vmapped JVP (each may carry its own weights)
     tangents: TangentPlan | None = None
+    direction: dict[str, Tensor] | None = None  # the slopes' tangent v: Δw when None (the path kernel: the update
+    # rebuilt from the recorded gradients, so that the quadrature's error is that of the identity it explains)
 
     def weights(self, t: float | Tensor) -> dict[str, Tensor]:
         """w(t) of the trained parameters."""
@@ -73,47 +75,72 @@ class Segment:
         with torch.no_grad():
             return self.net.functional({**self.weights(t), **self.constants}, batch)
 
-    def values_and_slopes(self, batch: Batch, t: Tensor) -> tuple[Tensor, Tensor]:
-        """f(w(t_k), x_k) and d/dt f(w(t), x_k) at t_k (K, C) each: `t` (K,) per point, or one shared value (0-d)."""
+    def values_and_slopes(
+        self, batch: Batch, t: Tensor, tangent: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """f(w(t_k), x_k) and J_{w(t_k)}(x_k) v (K, C) each, v = `tangent` (name → tensor; by default the segment's
+        `direction`, or Δw: the slope d/dt f(w(t), x_k)): `t` (K,) per point, or one shared value (0-d)."""
+        if tangent is None:
+            tangent = self.delta if self.direction is None else self.direction
 
         def one(tk: Tensor, arrays: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             params = {n: self.start[n] + tk * d for n, d in self.delta.items()}
-            return jvp(lambda p: self._one({**p, **self.constants}, arrays, batch.keyword), (params,), (self.delta,))
+            return jvp(lambda p: self._one({**p, **self.constants}, arrays, batch.keyword), (params,), (tangent,))
 
-        if t.dim() and len(shared := torch.unique(t)) * SHARED <= len(t):  # few distinct t: each one's weights shared
+        if not t.dim():  # one t for every point: batched JVPs of the model (its samples independent)
+            params = self.weights(t)
+            parts = [
+                jvp(
+                    lambda p, rows=rows: self.net.functional({**p, **self.constants}, batch[rows]),
+                    (params,),
+                    (tangent,),
+                )
+                for rows in _pieces(len(batch), self.chunk)
+            ]
+            return torch.cat([v for v, _ in parts]), torch.cat([d for _, d in parts])
+        if len(shared := torch.unique(t)) * SHARED <= len(t):  # few distinct t: each one's weights shared
             values, slopes = None, None
             for value in shared:
                 rows = (t == value).nonzero().squeeze(1)
-                v, d = self.values_and_slopes(batch[rows], value)
+                v, d = self.values_and_slopes(batch[rows], value, tangent)
                 values = v.new_empty((len(t), *v.shape[1:])) if values is None else values
                 slopes = d.new_empty((len(t), *d.shape[1:])) if slopes is None else slopes
                 values[rows], slopes[rows] = v, d
             return values, slopes
-        parts = [
-            vmap(one, in_dims=(0 if t.dim() else None, 0))(t[rows] if t.dim() else t, dict(batch[rows].arrays))
-            for rows in _pieces(len(batch), self.chunk)
-        ]
+        parts = [vmap(one)(t[rows], dict(batch[rows].arrays)) for rows in _pieces(len(batch), self.chunk)]
         return torch.cat([v for v, _ in parts]), torch.cat([d for _, d in parts])
 
-    def summed_jacobians(self, batch: Batch, nodes: Tensor, weights: Tensor) -> Tensor:
-        """Σ_q ω_q J_{w(t_q)}(x) (n, C, P) of the batch at the shared nodes t_q with weights ω_q."""
+    def summed_jacobians(
+        self, batch: Batch, nodes: Tensor, weights: Tensor, cotangents: Tensor | None = None
+    ) -> Tensor:
+        """Σ_q ω_q J_{w(t_q)}(x) (n, C, P) of the batch at the shared nodes t_q with weights ω_q; with `cotangents` u
+        (n, K, C) the Jacobians of u f (n, K, P)."""
         if self.tangents is None:
-            return sum(w * self.jacobians(batch, t) for t, w in zip(nodes, weights, strict=True))
-        parts = [tangent_factors(self.net, replace(self.tangents, params=self.weights(t)), batch) for t in nodes]
-        return jacobian(self.tangents, weighted_sum(parts, list(weights)))
+            return sum(w * self.jacobians(batch, t, cotangents) for t, w in zip(nodes, weights, strict=True))
+        parts = (
+            tangent_factors(self.net, replace(self.tangents, params=self.weights(t)), batch, cotangents) for t in nodes
+        )  # one state's factors at a time
+        return summed_jacobian(self.tangents, parts, list(weights))
 
-    def jacobians(self, batch: Batch, t: Tensor) -> Tensor:
-        """J_{w(t_k)}(x_k) (K, C, P) over the trained parameters, flattened in order: `t` (K,) or shared (0-d)."""
+    def jacobians(self, batch: Batch, t: Tensor, cotangents: Tensor | None = None) -> Tensor:
+        """J_{w(t_k)}(x_k) (n, C, P) over the trained parameters, flattened in order: `t` (n,) or shared (0-d); with
+        `cotangents` u (n, K, C) the Jacobians of u f (n, K, P)."""
         if not t.dim() and self.tangents is not None:
-            return self.summed_jacobians(batch, t[None], torch.ones(1, dtype=t.dtype, device=t.device))
+            return self.summed_jacobians(batch, t[None], torch.ones(1, dtype=t.dtype, device=t.device), cotangents)
         names = list(self.delta)
 
-        def one(tk: Tensor, arrays: dict[str, Tensor]) -> Tensor:
+        def one(tk: Tensor, arrays: dict[str, Tensor], u: Tensor | None) -> Tensor:
             params = {n: self.start[n] + tk * self.delta[n] for n in names}
-            jac = jacrev(lambda p: self._one({**p, **self.constants}, arrays, batch.keyword))(params)
+
+            def outputs(p: dict[str, Tensor]) -> Tensor:
+                f = self._one({**p, **self.constants}, arrays, batch.keyword)
+                return f if u is None else u @ f
+
+            jac = jacrev(outputs)(params)
             return torch.cat([jac[n].flatten(1) for n in names], dim=1)
 
-        return vmap(one, in_dims=(0 if t.dim() else None, 0))(t, dict(batch.arrays))
+        in_dims = (0 if t.dim() else None, 0, None if cotangents is None else 0)
+        return vmap(one, in_dims=in_dims)(t, dict(batch.arrays), cotangents)
 
 
 @dataclass(frozen=True)
@@ -269,33 +296,70 @@ def _merged(
     return queues
 
 
-def integrated_jacobians(quadrature: Quadrature, segment: Segment, batch: Batch, panels: Panels, chunk: int) -> Tensor:
+def integrated_jacobians(
+    quadrature: Quadrature, segment: Segment, batch: Batch, panels: Panels, chunk: int, cotangents: Tensor | None = None
+) -> Tensor:
     """Ĵ(x) = Σ_panels (b−a) Σ_q ω_q J_{w(a + (b−a) t_q)}(x) (T, C, P) of every point on its panels, `chunk` Jacobians
-    at a time. Points of the one panel [0, 1] share each node's weights; the nodes of split panels go per point."""
+    at a time; with `cotangents` u (T, K, C) that of u f (T, K, P). Points of the one panel [0, 1] share each node's
+    weights; the nodes of split panels go per point."""
     dtype = next(iter(segment.start.values())).dtype
     nodes, weights = quadrature.rule(dtype, batch.device)
+
+    def of(rows: Tensor | slice) -> Tensor | None:
+        return None if cotangents is None else cotangents[rows]
+
     whole = torch.as_tensor([i for i, p in enumerate(panels) if p == [(0.0, 1.0)]], dtype=torch.long)
     total: Tensor | None = None
     if len(whole) == len(panels):  # every point on the one panel: each chunk written in place
         for rows in _pieces(len(panels), chunk):
-            part = segment.summed_jacobians(batch[rows], nodes, weights)
+            part = segment.summed_jacobians(batch[rows], nodes, weights, of(rows))
             if rows.stop - rows.start == len(panels):
                 return part
             total = part.new_empty((len(panels), *part.shape[1:])) if total is None else total
             total[rows] = part
         return total
     for rows in whole.split(chunk) if len(whole) else ():
-        total = _added(total, segment.summed_jacobians(batch[rows.to(batch.device)], nodes, weights), rows, len(panels))
+        rows = rows.to(batch.device)
+        total = _added(total, segment.summed_jacobians(batch[rows], nodes, weights, of(rows)), rows, len(panels))
+    point, t, w = _split_nodes(quadrature, panels, nodes, weights)
+    for part in torch.arange(len(point)).split(chunk):
+        rows = point[part.to(point.device)]
+        jacobians = segment.jacobians(batch[rows], t[part.to(t.device)], of(rows))
+        total = _added(total, w[part.to(w.device), None, None] * jacobians, rows, len(panels))
+    if total is None:
+        raise ValueError("no panels")
+    return total
+
+
+def _split_nodes(
+    quadrature: Quadrature, panels: Panels, nodes: Tensor, weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The point, node t and weight (b−a) ω_q of every node of the split panels (points not on [0, 1] alone)."""
     split = [(i, a, b) for i, p in enumerate(panels) if p != [(0.0, 1.0)] for a, b in p]
-    if split:
-        point = torch.as_tensor([i for i, _, _ in split]).repeat_interleave(quadrature.size)
-        a = torch.tensor([a for _, a, _ in split], dtype=dtype, device=batch.device)[:, None]
-        width = torch.tensor([b - a for _, a, b in split], dtype=dtype, device=batch.device)[:, None]
-        t, w = (a + width * nodes).reshape(-1), (width * weights).reshape(-1)
-        for part in torch.arange(len(point)).split(chunk):
-            rows = point[part]
-            jacobians = segment.jacobians(batch[rows.to(batch.device)], t[part.to(t.device)])
-            total = _added(total, w[part.to(w.device), None, None] * jacobians, rows, len(panels))
+    device = nodes.device
+    point = torch.as_tensor([i for i, _, _ in split], dtype=torch.long, device=device)
+    a = torch.tensor([a for _, a, _ in split], dtype=nodes.dtype, device=device)[:, None]
+    width = torch.tensor([b - a for _, a, b in split], dtype=nodes.dtype, device=device)[:, None]
+    return point.repeat_interleave(quadrature.size), (a + width * nodes).reshape(-1), (width * weights).reshape(-1)
+
+
+def integrated_slopes(
+    quadrature: Quadrature, segment: Segment, batch: Batch, panels: Panels, tangent: dict[str, Tensor]
+) -> Tensor:
+    """Ĵ(x) v (T, C) of every point on its panels, for one direction v (name → tensor) of the trained parameters: the
+    JVPs at the nodes of `integrated_jacobians`, weighted alike (so Ĵ(x) v of Ĵ(x) formed there, to rounding)."""
+    nodes, weights = quadrature.rule(next(iter(segment.start.values())).dtype, batch.device)
+    whole = torch.as_tensor([i for i, p in enumerate(panels) if p == [(0.0, 1.0)]], dtype=torch.long)
+    whole = whole.to(batch.device)
+    total: Tensor | None = None
+    if len(whole):
+        part = sum(
+            w * segment.values_and_slopes(batch[whole], t, tangent)[1] for t, w in zip(nodes, weights, strict=True)
+        )
+        total = _added(total, part, whole, len(panels))
+    point, t, w = _split_nodes(quadrature, panels, nodes, weights)
+    if len(point):
+        total = _added(total, w[:, None] * segment.values_and_slopes(batch[point], t, tangent)[1], point, len(panels))
     if total is None:
         raise ValueError("no panels")
     return total

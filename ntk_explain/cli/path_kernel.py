@@ -11,7 +11,7 @@ import typer
 from ntk_explain.cli.app import Output, app, progress_bar, report, reported
 from ntk_explain.cli.options import with_execution, with_inputs, with_resources
 from ntk_explain.errors import UsageError
-from ntk_explain.options import InputSpec, PathSpec, Resources, step_window
+from ntk_explain.options import InputSpec, PathSpec, Resources, Shard, step_window
 from ntk_explain.stages.execution import Execution
 
 
@@ -68,8 +68,10 @@ def path_kernel(
 
     target = out if out is not None else run
     assert target is not None
-    with progress_bar(output.quiet) as progress:
+    rank = Shard.from_environment().rank  # under torchrun rank 0 writes the file and reports
+    with progress_bar(output.quiet or rank > 0) as progress:
         summary = run_path_kernel(
             inputs, spec, target, resources, replace(how, progress=progress), into=run is not None
         )
-    report(summary, output, _describe)
+    if rank == 0:
+        report(summary, output, _describe)

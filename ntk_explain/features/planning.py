@@ -130,11 +130,13 @@ def _assemble(
     excluded: Mapping[str, str],
     looped: bool,
     n: int,
+    factorise: bool = False,
 ) -> TangentPlan:
     """The plan from the dry run: every module that can be structured is, the rest is generic (with the reason).
 
     By cost per pair of samples, with K outputs and S sites per sample: a Linear or conv is factorised when its Gram
-    is no dearer than the dense one, S²(K·d_out + d_in) ≤ K·d_out·d_in, else formed (every grouped conv is formed); an
+    is no dearer than the dense one, S²(K·d_out + d_in) ≤ K·d_out·d_in, else formed (every grouped conv is formed;
+    with `factorise` every ungrouped one is factorised: for Jacobians of many weight states formed at once); an
     Embedding is a lookup when S²(K·d + 1) ≤ K·V·d (the δ Gram and one index comparison per pair of sites), else
     formed; a normalisation layer is always affine (both ways give the same K × channels columns of γ and β).
     """
@@ -156,7 +158,7 @@ def _assemble(
         for p in own:  # e.g. weight_norm's g and v, from which a forward pre-hook makes the weight
             if ids[id(p)] not in (entry.weight, getattr(entry, "bias", None)):
                 reasons[ids[id(p)]] = f"not {name}'s weight or bias"
-        kinds[_kind(entry, module, outputs)].append(entry)
+        kinds[_kind(entry, module, outputs, factorise)].append(entry)
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     plan = TangentPlan(
         params=params,
@@ -184,7 +186,7 @@ def _shared(model: nn.Module) -> set[int]:
     return {key for key, owners in count.items() if owners > 1}
 
 
-def _kind(entry: Layer | Lookup | Affine, module: nn.Module, outputs: int) -> str:
+def _kind(entry: Layer | Lookup | Affine, module: nn.Module, outputs: int, factorise: bool) -> str:
     """Which of the plan's structured kinds an entry takes, by the cost rules of `_assemble`."""
     if isinstance(entry, Affine):
         return "affines"
@@ -192,7 +194,7 @@ def _kind(entry: Layer | Lookup | Affine, module: nn.Module, outputs: int) -> st
         sparse = entry.sites**2 * (outputs * entry.features + 1) <= outputs * entry.rows * entry.features
         return "lookups" if sparse else "formed_lookups"
     factorised = entry.sites**2 * (outputs * entry.out_features + entry.in_features)
-    cheap = factorised <= outputs * entry.out_features * entry.in_features
+    cheap = factorise or factorised <= outputs * entry.out_features * entry.in_features
     return "layers" if cheap and getattr(module, "groups", 1) == 1 else "formed"  # a grouped conv is always formed
 
 
@@ -220,9 +222,11 @@ def plan_tangents(
     *,
     verify: bool = True,
     max_check_bytes: int = MAX_CHECK_BYTES,
+    factorise: bool = False,
 ) -> TangentPlan:
     """The plan of the selected parameters for the model's output map `output`, from the first two rows of `probe`
-    (one row is taken twice), proved on them by the self-check unless `verify` is False. The plan's `generic` says
+    (one row is taken twice), proved on them by the self-check unless `verify` is False; `factorise`: every ungrouped
+    Linear and conv factorised (`_assemble`). The plan's `generic` says
     why each Jacobian parameter is not structured, its `check` the largest relative error, the check's time and
     dtype. A proved plan is kept for the same model, state, probe rows and options (`_fingerprint`), so that the
     kernels of one output map share one check."""
@@ -238,7 +242,7 @@ def plan_tangents(
         for name, m in adapter.module.named_modules()
         if structure.structured_method(m)[0] and any(id(p) in ids for p in m.parameters(recurse=False))
     }
-    key = _fingerprint(adapter, rows, output, globs, max_check_bytes)
+    key = _fingerprint(adapter, rows, output, globs, max_check_bytes), factorise
     proved = _PROVED.setdefault(adapter.module, {})
     if verify and key in proved:
         return proved[key]
@@ -248,7 +252,7 @@ def plan_tangents(
     excluded: dict[str, str] = {}
 
     def assemble(looped: bool) -> TangentPlan:
-        return _assemble(adapter, dry, params, output, outputs, excluded, looped, CHECK_ROWS)
+        return _assemble(adapter, dry, params, output, outputs, excluded, looped, CHECK_ROWS, factorise)
 
     if not verify:
         return assemble(False)

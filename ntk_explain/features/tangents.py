@@ -95,8 +95,12 @@ def instrumented(
             handle.remove()
 
 
-def tangent_factors(model: nn.Module | ModelAdapter, plan: TangentPlan, x: Tensor | Batch) -> Factors:
-    """Per-sample tangent features of the batch x (n rows), every sample independent, by the plan's `path`.
+def tangent_factors(
+    model: nn.Module | ModelAdapter, plan: TangentPlan, x: Tensor | Batch, cotangents: Tensor | None = None
+) -> Factors:
+    """Per-sample tangent features of the batch x (n rows), every sample independent, by the plan's `path`; with
+    `cotangents` u (n, K, C) those of o_k(x_i) = Σ_c u_ikc f_c(x_i) instead of the plan's output map (the logits'
+    features combined, so the plan of the logits holds; one-hot rows: each sample's own class).
 
     batched: δ of every sample from one batched forward and backward pass (K backward passes, vmapped, for K outputs):
     sample i's outputs depend on its input alone, so ∂Σ_i o_k(x_i)/∂z_s(x_i) is δ_ks(x_i). vmap: `torch.func.vmap(
@@ -107,8 +111,8 @@ def tangent_factors(model: nn.Module | ModelAdapter, plan: TangentPlan, x: Tenso
     structured = {s.module: named[s.module] for s in plan.structured}
     free = {name: plan.params[name].detach() for name in plan.jacobian}
     held = {name: p.detach() for name, p in plan.params.items() if name not in free}
-    context = _Context(adapter, plan, structured, held)
-    n, k = len(batch), plan.outputs
+    context = _Context(adapter, plan, structured, held, cotangents)
+    n, k = len(batch), plan.outputs if cotangents is None else cotangents.shape[1]
     if plan.path == "batched" and not free:
         jac_free, (jac_eps, calls) = {}, _batched_deltas(context, batch)
     else:
@@ -145,13 +149,20 @@ def tangent_factors(model: nn.Module | ModelAdapter, plan: TangentPlan, x: Tenso
 
 @dataclass(frozen=True)
 class _Context:
-    """What every path needs: the model, the plan, its structured modules (in `plan.structured` order) and the
-    parameters held fixed (the structured ones, whose gradients come from δ)."""
+    """What every path needs: the model, the plan, its structured modules (in `plan.structured` order), the
+    parameters held fixed (the structured ones, whose gradients come from δ) and the cotangents (n, K, C), if any."""
 
     adapter: ModelAdapter
     plan: TangentPlan
     structured: dict[str, nn.Module]
     held: dict[str, Tensor]
+    cotangents: Tensor | None = None
+
+    def outputs(self, logits: Tensor, cotangents: Tensor | None) -> Tensor:
+        """o (..., K) of logits (..., C): the plan's output map, or Σ_c u_kc f_c with the (matching) cotangents."""
+        if self.cotangents is None:
+            return output_map(logits, self.plan.output)
+        return torch.einsum("...c,...kc->...k", logits, cotangents)
 
 
 def _zeros(batch: Batch, shape: tuple[int, ...], dtype: torch.dtype, grad: bool = False) -> Tensor:
@@ -189,7 +200,7 @@ def _batched_deltas(context: _Context, batch: Batch) -> tuple[list[list[Tensor]]
         expand = (n, [s.broadcast or (False,) * len(s.call_shapes) for s in plan.structured])
         with instrumented(context.structured, eps, record, expand):
             logits = context.adapter.functional({**plan.fixed, **context.held}, batch)
-        o = output_map(logits, plan.output)  # (n, K)
+        o = context.outputs(logits, context.cotangents)  # (n, K)
         k = o.shape[-1]
         ones = torch.eye(k, dtype=o.dtype, device=o.device)[:, None, :].expand(k, *o.shape)
         flat = [e for calls in eps for e in calls]
@@ -206,17 +217,20 @@ def _vmapped(context: _Context, free: dict[str, Tensor], batch: Batch) -> tuple[
     `vmap(jacrev)` over the samples, each a batch of one."""
     plan, structured = context.plan, context.structured
 
-    def outputs(free_params: dict[str, Tensor], eps_one: tuple, arrays_one: dict[str, Tensor]) -> tuple:
+    def outputs(
+        free_params: dict[str, Tensor], eps_one: tuple, arrays_one: dict[str, Tensor], cotangent: Tensor | None
+    ) -> tuple:
         row = Batch({name: a.unsqueeze(0) for name, a in arrays_one.items()}, batch.keyword)
         record: dict[str, list] = {}
         with instrumented(structured, eps_one, record):
             logits = context.adapter.functional({**plan.fixed, **context.held, **free_params}, row)
-        return output_map(logits[0], plan.output), tuple(tuple(s for s, _ in record[m]) for m in structured)
+        return context.outputs(logits[0], cotangent), tuple(tuple(s for s, _ in record[m]) for m in structured)
 
-    n = len(batch)
+    n, cotangents = len(batch), context.cotangents
     eps = tuple(tuple(_zeros(batch, (n, *shape), plan.dtype) for shape in s.call_shapes) for s in plan.structured)
-    (jac_free, jac_eps), calls = vmap(jacrev(outputs, argnums=(0, 1), has_aux=True), (None, 0, 0))(
-        free, eps, dict(batch.arrays)
+    in_dims = (None, 0, 0, None if cotangents is None else 0)
+    (jac_free, jac_eps), calls = vmap(jacrev(outputs, argnums=(0, 1), has_aux=True), in_dims)(
+        free, eps, dict(batch.arrays), cotangents
     )
     return jac_free, jac_eps, [[c[:, 0] for c in module_calls] for module_calls in calls]  # each sample's batch of one
 
@@ -234,7 +248,7 @@ def _looped(context: _Context, free: dict[str, Tensor], batch: Batch) -> tuple[d
             record: dict[str, list] = {}
             with instrumented(context.structured, eps, record):
                 logits = context.adapter.functional({**plan.fixed, **context.held, **params}, batch[i : i + 1])
-            o = output_map(logits[0], plan.output)
+            o = context.outputs(logits[0], None if context.cotangents is None else context.cotangents[i])
             leaves = [*params.values(), *(e for calls in eps for e in calls)]
             last = len(o) - 1
             grads = [

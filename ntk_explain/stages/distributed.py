@@ -2,11 +2,13 @@
 
 Rank r of W computes the row tiles i with i mod W = r: the stripes of every Gram and the projected features of
 those tiles, which are broadcast so that every rank holds all of them. Each rank writes its own shard file; rank 0
-joins them into the run file (`store.join_shards`). NCCL on CUDA, gloo on CPU. One process is W = 1: no
-collectives at all.
+joins them into the run file (`store.join_shards`); path-kernel's ranks send their row tiles to rank 0, which writes
+the file (`send`, `receive`). NCCL on CUDA, gloo on CPU. One process is W = 1: no collectives at all.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,3 +51,15 @@ def smallest(value: int, shard: Shard, device: torch.device) -> int:
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
+
+
+def send(tensors: Sequence[Tensor], destination: int) -> None:
+    """Send `tensors` (contiguous copies, in order) to rank `destination`, which `receive`s them."""
+    for tensor in tensors:
+        dist.send(tensor.contiguous(), destination)
+
+
+def receive(tensors: Sequence[Tensor], source: int) -> None:
+    """Fill `tensors` (of the sent shapes and dtypes) in place with what rank `source` `send`s, in order."""
+    for tensor in tensors:
+        dist.recv(tensor, source)

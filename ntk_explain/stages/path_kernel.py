@@ -9,7 +9,7 @@ kGLM's explanation), each point's rank agreement with it (Kendall τ, top-10 ove
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +19,14 @@ from torch import Tensor
 
 from ntk_explain import resources as devices
 from ntk_explain import store
-from ntk_explain.analyses.path import TileExplanation, explain_tile
+from ntk_explain.analyses.path import TileExplanation, empty_explanation, explain_tile
 from ntk_explain.analyses.segments import Quadrature, panel_tolerance
-from ntk_explain.errors import BadInputError, OutOfMemoryError, UsageError
+from ntk_explain.errors import BadInputError, OutOfMemoryError
 from ntk_explain.features.plan import TangentPlan
 from ntk_explain.loading.adapter import Batch
 from ntk_explain.loading.files import sha256_file
 from ntk_explain.options import Budget, InputSpec, PathSpec, Resources, Shard
+from ntk_explain.stages import distributed
 from ntk_explain.stages.attribute import EXTREMES
 from ntk_explain.stages.execution import Execution
 from ntk_explain.stages.inputs import HASHES, Inputs, load_inputs
@@ -60,16 +61,20 @@ class _Work:
     pairs: int
 
 
-def _sizes(n: int, n_train: int, classes: int, n_params: int, itemsize: int, budget: Budget) -> tuple[int, int, int]:
-    """Rows per tile, Jacobians per pass and points per JVP: a tile keeps five T×C×P accumulators and its T×N×C
-    contributions in half the budget; a pass of Jacobians (chunk×C×P, about three times over) an eighth, and a JVP of
+def _sizes(
+    n: int, n_train: int, classes: int, explained: int, n_params: int, itemsize: int, budget: Budget
+) -> tuple[int, int, int]:
+    """Rows per tile, Jacobians per pass and points per JVP: a tile keeps five T×K×P accumulators (K: the `explained`
+    classes, 1 or C) and its T×N×K contributions in half the budget (and, under torchrun, is at most a rank's share of
+    the rows unless --tile says); a pass of Jacobians (chunk×C×P, about three times over) an eighth, and a JVP of
     points with their own weights (pairs×P, about four times over) another."""
     per_jacobian = classes * n_params * itemsize
     chunk, pairs = budget.bytes // (8 * 3 * per_jacobian), budget.bytes // (8 * 4 * n_params * itemsize)
-    tile = budget.bytes // (2 * (5 * per_jacobian + n_train * classes * itemsize))
+    tile = budget.bytes // (2 * explained * (5 * n_params + n_train) * itemsize)
     if min(chunk, pairs, tile) < 1:
         raise OutOfMemoryError(f"one Jacobian ({per_jacobian / 2**20:.0f} MiB) does not fit; raise --max-memory")
-    return min(budget.tile or n, tile, n), int(min(chunk, 1024)), int(min(pairs, 4096))
+    tile = budget.tile or min(tile, -(-n // budget.shard.world))  # under torchrun, a tile for each rank at least
+    return min(tile, n), int(min(chunk, 1024)), int(min(pairs, 4096))
 
 
 def _end_values(trajectory: Trajectory, loaded: Inputs, inputs: Batch, step: int, dtype: torch.dtype) -> Tensor:
@@ -95,12 +100,11 @@ def path_kernel(
     window's ends, the weight-decay part, the identity's residual per point and per step, and the top-k proponents
     and opponents; into the new run file `out`, or (`into`) the existing run `out` of the same model and data.
     Returns a summary. An interrupt keeps the partial file; `how.resume` continues it."""
-    if Shard.from_environment().world > 1:
-        raise UsageError("path-kernel runs as one process (torchrun is not supported yet)")
+    shard = Shard.from_environment()
     if not into:
         store.check_target(out, overwrite=how.overwrite or how.resume)
     resumed = how.resume and not into  # a new run's partial file records its budget; /path its sizes (`_kept_sizes`)
-    budget = devices.budget(resumed_resources(resources, out) if resumed else resources)
+    budget = devices.budget(resumed_resources(resources, out) if resumed else resources, shard)
     loaded = load_inputs(inputs, budget, {"path": spec.to_params()}, 0)
     dtype = getattr(torch, inputs.dtype)
     with Trajectory(spec.trajectory) as trajectory:
@@ -113,14 +117,24 @@ def path_kernel(
             "trajectory_sha256": sha256_file(spec.trajectory),
             **{key: loaded.attrs[key] for key in HASHES},
         }
-        if finished(out, layout.PATH, request, how):
-            return {"out": str(out), "skipped": True}
-        work = _work(loaded, trajectory, span, spec, dtype)
-        began = time.perf_counter()
+        skipped = finished(out, layout.PATH, request, how)
+        distributed.start(shard, budget.device)
         try:
-            summary = _into(out, work, spec, request, how) if into else _new(out, work, spec, request, how)
-        except KeyboardInterrupt:
-            raise kept_partial(out) from None
+            distributed.barrier(shard)  # every rank has read the file before rank 0 writes it
+            if skipped:
+                return {"out": str(out), "skipped": True}
+            work = _work(loaded, trajectory, span, spec, dtype)
+            began = time.perf_counter()
+            if shard.rank > 0:
+                summary = _serve(work, spec, shard)
+            else:
+                try:
+                    write = _into if into else _new
+                    summary = write(out, work, spec, request, how, shard)
+                except KeyboardInterrupt:
+                    raise kept_partial(out) from None
+        finally:
+            distributed.stop(shard)
     return {"out": str(out), **summary, "seconds": round(time.perf_counter() - began, 3)}
 
 
@@ -133,8 +147,15 @@ def _work(loaded: Inputs, trajectory: Trajectory, span: Window, spec: PathSpec, 
     tolerance = panel_tolerance(f_start, f_stop, span.size, relative)
     n_params = sum(int(np.prod(shape)) for shape in trajectory.header.shapes)
     itemsize = torch.finfo(dtype).bits // 8
+    classes = f_stop.shape[1]
     tile, chunk, pairs = _sizes(
-        len(explained), len(loaded.data["train"].inputs), f_stop.shape[1], n_params, itemsize, loaded.budget
+        len(explained),
+        len(loaded.data["train"].inputs),
+        classes,
+        classes if spec.all_classes else 1,
+        n_params,
+        itemsize,
+        loaded.budget,
     )
     quadrature = Quadrature(spec.nodes, spec.depth, spec.panels)
     probe = loaded.data["train"].inputs[:2].to(loaded.budget.device, dtype)
@@ -142,16 +163,16 @@ def _work(loaded: Inputs, trajectory: Trajectory, span: Window, spec: PathSpec, 
     return _Work(loaded, trajectory, span, split, f_start, f_stop, quadrature, tolerance, tangents, tile, chunk, pairs)
 
 
-def _new(out: Path, work: _Work, spec: PathSpec, request: dict, how: Execution) -> dict:
+def _new(out: Path, work: _Work, spec: PathSpec, request: dict, how: Execution, shard: Shard) -> dict:
     loaded = work.loaded
     attrs = {**loaded.attrs, "request": request}
     with store.create_run(out, overwrite=how.overwrite, attrs=attrs, resumable=True, resume=how.resume) as run:
         for split, dataset in loaded.data.items():
             write_data(run, split, dataset, network_logits(loaded.net, dataset.inputs, loaded.budget))
-        return _write(run, work, spec, request, how)
+        return _write(run, work, spec, request, how, shard)
 
 
-def _into(out: Path, work: _Work, spec: PathSpec, request: dict, how: Execution) -> dict:
+def _into(out: Path, work: _Work, spec: PathSpec, request: dict, how: Execution, shard: Shard) -> dict:
     with store.update_run(out, request=request, resume=how.resume) as (run, resumed):
         differ = [key for key in HASHES if run.attrs.get(key) != work.loaded.attrs[key]]
         sizes = {split: len(data.y) for split, data in work.loaded.data.items()}
@@ -163,7 +184,7 @@ def _into(out: Path, work: _Work, spec: PathSpec, request: dict, how: Execution)
             if not how.overwrite:
                 raise BadInputError(f"{out} already has /{layout.PATH}; pass --overwrite to replace it")
             del run[layout.PATH]
-        return _write(run, work, spec, request, how)
+        return _write(run, work, spec, request, how, shard)
 
 
 def _datasets(group: store.H5Group, work: _Work, spec: PathSpec, k: int, agreement: bool) -> dict:
@@ -203,13 +224,13 @@ def _kernel_scores(attribution: store.H5Group, rows: slice, classes: np.ndarray)
     return scores[np.arange(len(classes)), :, classes] if scores.ndim == 3 else scores
 
 
-def _write(run: store.H5File, work: _Work, spec: PathSpec, request: dict, how: Execution) -> dict:
-    """/path, a row tile at a time (each checkpointed), then its attributes and the request it answers."""
+def _write(run: store.H5File, work: _Work, spec: PathSpec, request: dict, how: Execution, shard: Shard) -> dict:
+    """/path, a row tile at a time (each checkpointed), then its attributes and the request it answers. Under torchrun
+    rank r of W explains the tiles i (from the first not yet done) with (i − done) mod W = r and sends them here."""
     group = run.require_group(layout.PATH)
     _kept_sizes(group, work)
-    loaded, span, m = work.loaded, work.span, len(work.f_stop)
-    train, explained = loaded.data["train"], loaded.data[work.split]
-    n, k = len(train.inputs), min(spec.top_k, len(train.inputs))
+    span, m = work.span, len(work.f_stop)
+    n, k = len(work.loaded.data["train"].inputs), min(spec.top_k, len(work.loaded.data["train"].inputs))
     predicted = run[layout.data(work.split)]["nn_logits"][()].argmax(1)
     attribution = _attribution(run, predicted, n)
     made = _datasets(group, work, spec, k, attribution is not None)
@@ -220,15 +241,66 @@ def _write(run: store.H5File, work: _Work, spec: PathSpec, request: dict, how: E
         store.write_array(group, "class", predicted, (work.split,))
     if "step_residual" not in group:
         store.write_array(group, "step_residual", np.zeros(span.size), ("step",))
-    device, dtype = loaded.budget.device, work.f_stop.dtype
-    for _, rows in resumable_tiles(made["contributions"], m, work.tile, how.progress, "path kernel"):
-        tile = explained.inputs[rows].to(device, dtype)
-        steps_of = steps(work.trajectory, loaded.net, train, span, device, dtype, work.pairs, work.tangents)
-        classes = None if spec.all_classes else torch.from_numpy(predicted[rows]).to(device)
-        tolerance = work.tolerance[rows].to(device)
-        result = explain_tile(tile, steps_of, n, span.size, work.quadrature, tolerance, work.chunk, classes)
+    done = store.tiles_done(made["contributions"])
+    _share(work, shard, done, predicted)
+    for index, rows in resumable_tiles(made["contributions"], m, work.tile, how.progress, "path kernel"):
+        owner = (index - done) % shard.world
+        result = _explain(work, spec, rows, predicted) if owner == 0 else _received(work, spec, rows, owner)
         _write_tile(group, made, rows, result, work, predicted[rows], attribution)
     return _finish(group, work, spec, request)
+
+
+def _explain(work: _Work, spec: PathSpec, rows: slice, predicted: np.ndarray) -> TileExplanation:
+    """The path kernel of the explained points `rows` (one tile)."""
+    loaded = work.loaded
+    device, dtype = loaded.budget.device, work.f_stop.dtype
+    tile = loaded.data[work.split].inputs[rows].to(device, dtype)
+    train = loaded.data["train"]
+    forward, backward = (
+        steps(work.trajectory, loaded.net, train, work.span, device, dtype, work.pairs, work.tangents, forward=order)
+        for order in (True, False)
+    )
+    classes = None if spec.all_classes else torch.from_numpy(predicted[rows]).to(device)
+    tolerance = work.tolerance[rows].to(device)
+    n = len(train.inputs)
+    return explain_tile(tile, forward, backward, n, work.span.size, work.quadrature, tolerance, work.chunk, classes)
+
+
+def _fields(result: TileExplanation) -> list[Tensor]:
+    return [getattr(result, f.name) for f in fields(result)]
+
+
+def _received(work: _Work, spec: PathSpec, rows: slice, owner: int) -> TileExplanation:
+    """The tile `rows` that rank `owner` explained and sent."""
+    like = torch.empty((), dtype=work.f_stop.dtype, device=work.loaded.budget.device)
+    n, classes = len(work.loaded.data["train"].inputs), work.f_stop.shape[1]
+    result = empty_explanation(rows.stop - rows.start, n, classes, work.span.size, like, spec.all_classes)
+    distributed.receive(_fields(result), owner)
+    return result
+
+
+def _share(work: _Work, shard: Shard, done: int, predicted: np.ndarray) -> tuple[int, np.ndarray]:
+    """Rank 0's tiles done, sizes (rows per tile, Jacobians per pass, points per JVP) and explained classes, on every
+    rank (the other ranks' `work` takes rank 0's sizes)."""
+    if shard.world == 1:
+        return done, predicted
+    device = work.loaded.budget.device
+    header = distributed.broadcast(
+        torch.tensor([done, work.tile, work.chunk, work.pairs], dtype=torch.int64, device=device), 0, shard
+    )
+    classes = distributed.broadcast(torch.as_tensor(predicted, dtype=torch.int64, device=device), 0, shard)
+    done, work.tile, work.chunk, work.pairs = (int(v) for v in header.cpu())
+    return done, classes.cpu().numpy()
+
+
+def _serve(work: _Work, spec: PathSpec, shard: Shard) -> dict:
+    """Rank r > 0 under torchrun: explain the tiles it owns (`_write`) and send each to rank 0."""
+    m = len(work.f_stop)
+    done, predicted = _share(work, shard, 0, np.zeros(m, dtype=np.int64))
+    for index, start in enumerate(range(0, m, work.tile)):
+        if index >= done and (index - done) % shard.world == shard.rank:
+            distributed.send(_fields(_explain(work, spec, slice(start, min(m, start + work.tile)), predicted)), 0)
+    return {"rank": shard.rank}
 
 
 def _kept_sizes(group: store.H5Group, work: _Work) -> None:
@@ -252,7 +324,12 @@ def _write_tile(
     contributions = result.contributions.cpu()
     every = contributions.dim() == 3
     chosen = contributions[torch.arange(len(predicted)), :, torch.from_numpy(predicted)] if every else contributions
-    residual = work.f_stop[rows] - work.f_start[rows] - result.change.cpu() - result.decay.cpu()
+    change = result.change.cpu()  # Σ_i A: the stored contributions' sum where kept, by linearity elsewhere
+    if every:
+        change = contributions.sum(1)
+    else:
+        change[torch.arange(len(predicted)), torch.from_numpy(predicted)] = contributions.sum(1)
+    residual = work.f_stop[rows] - work.f_start[rows] - change - result.decay.cpu()
     made["contributions"][rows] = contributions.numpy()
     made["kernel"][rows] = result.kernel.cpu().numpy()
     made["decay"][rows] = result.decay.cpu().numpy()
@@ -296,6 +373,7 @@ def _finish(group: store.H5Group, work: _Work, spec: PathSpec, request: dict) ->
         "split": work.split,
         "trajectory": str(work.trajectory.path),
         "all_classes": spec.all_classes,
+        "kernel": "trace" if spec.all_classes else "class",
         "max_residual": float(residual),
         "relative_residual": float(residual / change) if change else 0.0,
         "mean_panels_per_step": float(group["panels"][()].mean() / work.span.size),

@@ -1,5 +1,5 @@
 """A recorded trajectory as the path kernel reads it: checked against the model and data, and its steps (last first)
-as `analyses.path.Step`s on the device."""
+as `analyses.path.Step`s on the device, in either order."""
 
 from __future__ import annotations
 
@@ -100,15 +100,23 @@ def steps(
     dtype: torch.dtype,
     pairs: int = 256,
     tangents: TangentPlan | None = None,
+    forward: bool = False,
 ) -> Iterator[Step]:
-    """The steps stop−1 … first of `span`, as `Step`s on `device` in `dtype`; `pairs`: the most points of one JVP,
-    `tangents`: the plan of the trained parameters (`tangent_plan`) for batched Jacobians."""
+    """The steps first … stop−1 of `span` (`forward`) or stop−1 … first, as `Step`s on `device` in `dtype`; `pairs`:
+    the most points of one JVP, `tangents`: the plan of the trained parameters (`tangent_plan`) for batched
+    Jacobians."""
     header = trajectory.header
     sizes = [int(np.prod(shape)) for shape in header.shapes]
     constants = {n: v for n, v in weights_state(trajectory, 0, device, dtype).items() if n not in header.params}
-    after = {n: torch.as_tensor(v, device=device, dtype=dtype) for n, v in trajectory.weights(span.stop).items()}
-    for index in range(span.stop - 1, span.first - 1, -1):
-        start = {n: torch.as_tensor(v, device=device, dtype=dtype) for n, v in trajectory.weights(index).items()}
+
+    def weights(index: int) -> dict[str, Tensor]:
+        return {n: torch.as_tensor(v, device=device, dtype=dtype) for n, v in trajectory.weights(index).items()}
+
+    order = range(span.first, span.stop) if forward else range(span.stop - 1, span.first - 1, -1)
+    held = weights(order[0] if forward else order[0] + 1)  # the weights the next step shares with the last one
+    for index in order:
+        start, after = (held, weights(index + 1)) if forward else (weights(index), held)
+        held = after if forward else start
         moments = trajectory.second_moments(index) if header.optimizer != "sgd" else None
         rows = torch.as_tensor(trajectory.rows(index), device=device)
         yield Step(
@@ -123,15 +131,15 @@ def steps(
             scale=1.0 / len(rows) if header.reduction == "mean" else 1.0,
             in_window=index >= span.start,
         )
-        after = start
 
 
 def tangent_plan(trajectory: Trajectory, net: ModelAdapter, probe: Tensor, max_check_bytes: int) -> TangentPlan:
     """The tangent plan of the trajectory's trained parameters, in its order, proved on the model at its weights by the
-    self-check on the `probe` rows (the plan is about how each parameter is used, so it holds at every step's
-    weights; `Segment` passes each state's values)."""
+    self-check on the `probe` rows, every ungrouped Linear and conv factorised (the Jacobians of a quadrature's weight
+    states are formed at once from their joined sites). The plan is about how each parameter is used, so it holds at
+    every step's weights; `Segment` passes each state's values."""
     names = trajectory.header.params
-    plan = plan_tangents(net, probe, "logits", names, max_check_bytes=max_check_bytes)
+    plan = plan_tangents(net, probe, "logits", names, max_check_bytes=max_check_bytes, factorise=True)
     if set(plan.params) != set(names):
         raise BadInputError(f"{trajectory.path}: the model's trainable parameters are not the recorded ones")
     return replace(plan, params={name: plan.params[name] for name in names})

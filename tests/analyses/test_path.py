@@ -103,9 +103,11 @@ def test_two_sgd_steps_equal_a_brute_force_computation(tmp_path: Path, tangents:
     w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     path = record(tmp_path / "t.h5", model, torch.optim.SGD(model.parameters(), lr=lr), x, y, 2, 3, seed=1)
     explained = explain(path, model, x, y, test, nodes=8, depth=0, panels=panels, tangents=tangents)
+    classes = torch.arange(6) % 3
+    chosen = explain(path, model, x, y, test, nodes=8, depth=0, panels=panels, tangents=tangents, classes=classes)
 
     batches = torch.randperm(6, generator=torch.Generator().manual_seed(1)).split(3)  # the rows `record` drew
-    weights, contributions, kernel = [w0], np.zeros((6, 6, 3)), np.zeros((6, 6))
+    weights, contributions, kernel, class_kernel = [w0], np.zeros((6, 6, 3)), np.zeros((6, 6)), np.zeros((6, 6))
     for rows in batches:  # replay plain SGD: w_{s+1} = w_s − η/|B| Σ_i J(x_i)ᵀ ℓ'_i
         w = weights[-1]
         jac = {int(i): _flat_jacobian(model, names, w, x[i]) for i in rows}
@@ -126,8 +128,12 @@ def test_two_sgd_steps_equal_a_brute_force_computation(tmp_path: Path, tangents:
             for i in jac:
                 contributions[m, i] += -lr / len(rows) * integral @ grads[i]
                 kernel[m, i] += lr / len(rows) * np.trace(integral @ jac[i].T)
+                class_kernel[m, i] += lr / len(rows) * integral[classes[m]] @ jac[i][classes[m]]
     assert np.abs(explained.result.contributions.numpy() - contributions).max() <= 1e-12
     assert np.abs(explained.result.kernel.numpy() - kernel).max() <= 1e-12
+    picked = contributions[np.arange(6), :, classes.numpy()]
+    assert np.abs(chosen.result.contributions.numpy() - picked).max() <= 1e-12
+    assert np.abs(chosen.result.kernel.numpy() - class_kernel).max() <= 1e-12
     assert np.abs(contributions).max() > 1e-3  # the comparison is not of zeros
 
 
@@ -146,8 +152,9 @@ def test_a_float32_training_read_in_float64_is_exact_to_float32(tmp_path: Path) 
 
 
 def test_the_explained_class_alone_and_every_class_agree(tmp_path: Path) -> None:
-    """Contributions of one class per point (the default of path-kernel) are those of every class at that class, and
-    the class sums Σ_i A kept for the residual are the every-class contributions summed over the training points."""
+    """Contributions of one class per point (the default of path-kernel) are those of every class at that class; the
+    class kernels sum to the trace kernel; the class sums Σ_i A, taken by JVPs along the updates' gradient parts, are
+    the every-class contributions summed over the training points."""
     x, y, test = _data((6,), 12)
     model = mlp()
     path = record(tmp_path / "t.h5", model, optimizers()["momentum"](model), x, y, 8, 4)
@@ -156,6 +163,11 @@ def test_the_explained_class_alone_and_every_class_agree(tmp_path: Path) -> None
     chosen = explain(path, model, x, y, test, depth=0, classes=classes)
     picked = every.result.contributions[torch.arange(len(test)), :, classes]
     assert torch.allclose(chosen.result.contributions, picked, rtol=0, atol=1e-14)
-    assert torch.allclose(chosen.result.change, every.result.contributions.sum(1), rtol=0, atol=1e-13)
-    assert torch.equal(chosen.result.kernel, every.result.kernel)
     assert picked.abs().max() > 1e-3
+    summed = every.result.contributions.sum(1)
+    for result in (every.result, chosen.result):
+        assert torch.allclose(result.change, summed, rtol=0, atol=1e-13)
+        assert torch.equal(result.decay, every.result.decay)
+    each = [explain(path, model, x, y, test, depth=0, classes=torch.full((len(test),), c)).result for c in range(3)]
+    assert torch.allclose(sum(r.kernel for r in each), every.result.kernel, rtol=0, atol=1e-13)
+    assert not torch.allclose(each[0].kernel, every.result.kernel, atol=1e-3)

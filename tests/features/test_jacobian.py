@@ -1,5 +1,6 @@
 """Jacobians formed from tangent features, and their weighted sum over weight states (the path kernel's quadrature),
-against the float64 jacrev reference on the architectures users bring and the test models."""
+of all outputs or of each sample's class, against the float64 jacrev reference on the architectures users bring and
+the test models."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ntk_explain.features.jacobian import jacobian, weighted_sum
+from ntk_explain.features.jacobian import jacobian, summed_jacobian
 from ntk_explain.features.planning import plan_tangents
 from ntk_explain.features.tangents import tangent_factors
 from ntk_explain.loading.adapter import Batch
@@ -51,5 +52,20 @@ def test_weighted_sum_of_states_is_the_weighted_sum_of_jacobians(name):
         named = dict(state.named_parameters())
         parts.append(tangent_factors(net, replace(plan, params={n: named[n].detach() for n in plan.params}), batch))
     expected = sum(w * reference_jacobian(s, x) for w, s in zip(weights, states, strict=True))
-    assert rel(jacobian(plan, weighted_sum(parts, weights)), expected) <= TOL
+    assert rel(summed_jacobian(plan, parts, weights), expected) <= TOL
     assert rel(jacobian(plan, parts[0]), reference_jacobian(net, x)) <= TOL
+
+
+@pytest.mark.parametrize("name", sorted(_models()))
+def test_the_jacobian_of_each_samples_class_with_every_layer_factorised(name):
+    """The path kernel's test side: a plan with every ungrouped Linear and conv factorised, and cotangents picking
+    one class per sample (one-hot rows), give that class's row of the jacrev Jacobian."""
+    net, x = _models()[name]
+    batch = Batch.of(x)
+    plan = plan_tangents(net, batch, factorise=True)
+    expected = reference_jacobian(net, x)  # (n, C, P)
+    classes = torch.arange(len(batch)) % expected.shape[1]
+    cotangents = torch.nn.functional.one_hot(classes, expected.shape[1]).to(expected)[:, None, :]
+    picked = expected[torch.arange(len(batch)), classes][:, None]
+    assert rel(jacobian(plan, tangent_factors(net, plan, batch, cotangents)), picked) <= TOL
+    assert rel(jacobian(plan, tangent_factors(net, plan, batch)), expected) <= TOL

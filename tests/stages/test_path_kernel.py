@@ -1,6 +1,7 @@
 """`ntk-explain train` and `ntk-explain path-kernel` as real processes (SPEC §5.1, §7): the recorded training
 explained exactly, into a new run or beside the kGLM's explanation (rank agreement), bad trajectories refused with
-exit 3 and nothing written, and a killed path kernel or training resumed to the numbers of an uninterrupted one."""
+exit 3 and nothing written, a killed path kernel or training resumed to the numbers of an uninterrupted one, and two
+gloo ranks under torchrun writing the file of one process."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from scipy.stats import kendalltau
 
 from ntk_explain.store import partial_path
 from tests.processes import run_cli
+from tests.stages.test_distributed import _run
 from tests.stages.test_resume import _calls, _driven
 
 MODEL = ["--model", "tests.models:mlp", "--dtype", "float64"]
@@ -174,3 +176,26 @@ def test_a_killed_training_resumes_to_the_same_trajectory(trained: Path, tmp_pat
     assert (cwd / "w.safetensors").read_bytes() == (trained / "w.safetensors").read_bytes()
     with h5py.File(cwd / "t.h5") as a, h5py.File(trained / "t.h5") as b:
         assert all(np.array_equal(a["weights"][n][()], b["weights"][n][()]) for n in a["weights"])
+
+
+def _datasets(run: Path) -> dict[str, np.ndarray]:
+    found: dict[str, np.ndarray] = {}
+
+    def kept(name: str, item: h5py.Dataset | h5py.Group) -> None:  # None: visititems goes on
+        if isinstance(item, h5py.Dataset):
+            found[name] = item[()]
+
+    with h5py.File(run) as f:
+        f.visititems(kept)
+    return found
+
+
+def test_two_gloo_ranks_give_the_file_of_one_process(trained: Path, tmp_path: Path) -> None:
+    cwd = _copy(trained, tmp_path / "ranks")
+    for out, ranks in (("one.h5", 1), ("two.h5", 2)):  # 3 tiles of 2 rows: rank 0 explains two, rank 1 one
+        _run(cwd, [*PATH, "--out", out], ranks)
+    one, two = _datasets(cwd / "one.h5"), _datasets(cwd / "two.h5")
+    assert sorted(one) == sorted(two) and "path/contributions" in one
+    assert all(np.array_equal(two[name], one[name]) for name in one)
+    assert np.count_nonzero(one["path/contributions"][2:4]) == 2 * 24  # rank 1's tile is there
+    assert sorted(p.name for p in cwd.iterdir() if p.suffix == ".h5") == ["one.h5", "t.h5", "two.h5"]
