@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 KERNELS = ("full", "diagonal", "trace", "pseudo", "ck")
 PROJECTIONS = ("none", "gaussian", "rademacher", "sparse", "tensorsketch", "kronecker")
+PATH_PROJECTIONS = ("none", "sparse")  # path-kernel projects formed Jacobians (an elementwise preconditioner first)
 SKETCHES = ("tensorsketch", "kronecker")  # per-layer sketches of Σ_s δ_s ã_sᵀ that never form it
 FEATURE_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_DIMS = {"pseudo": 4096, "trace": 10240, "diagonal": 10240, "full": 10240}
@@ -270,7 +271,8 @@ class PathSpec(Params):
     [start, stop) (None: all), whether every class's contributions are kept (else the network's predicted class),
     the top-k kept, and the adaptive refinement of each segment: split until a point's quadrature error on the step
     is at most `tolerance` (relative; None: 1e-12 in float64, 1e-5 in float32) × its change over the window / S,
-    at most `depth` halvings (0: never split)."""
+    at most `depth` halvings (0: never split); `projection` (sparse: a CountSketch of `proj_dim` rows drawn from `seed`)
+    for unbiased projected contributions and kernel."""
 
     trajectory: str
     nodes: int = 8
@@ -280,8 +282,13 @@ class PathSpec(Params):
     tolerance: float | None = None
     depth: int = 40
     panels: int = 1
+    projection: str = "none"
+    proj_dim: int = 10240
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.projection in PATH_PROJECTIONS, f"--projection: path-kernel takes {', '.join(PATH_PROJECTIONS)}")
+        _check(self.proj_dim >= 1, "--proj-dim must be positive")
         _check(1 <= self.nodes <= 64, "--nodes must be in [1, 64]")
         _check(1 <= self.panels <= 64, "--panels must be in [1, 64]")
         _check(self.top_k >= 1, "--top-k must be positive")

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ntk_explain.analyses.path import TileExplanation, explain_tile
 from ntk_explain.analyses.segments import Quadrature, panel_tolerance
+from ntk_explain.features.projections import Projection
 from ntk_explain.loading.adapter import Batch, ModelAdapter
 from ntk_explain.loading.data import Dataset
 from ntk_explain.stages.path_steps import check_trajectory, steps, tangent_plan, weights_state, window
@@ -77,10 +78,11 @@ def explain(
     panels: int = 1,
     tangents: bool = True,
     classes: Tensor | None = None,
+    projection: Projection | None = None,
 ) -> Explained:
     """The path kernel of `explained` over the trajectory `path` of `model` trained on (x, y), in float64: Jacobians at
     shared weights from the tangent engine (`tangents`, as `path-kernel` does) or by vmap(jacrev); every class's
-    contributions, or those of `classes`."""
+    contributions, or those of `classes`; projected by `projection`."""
     net, inputs = ModelAdapter(model), Batch.of(explained)
     train = Dataset(Batch.of(x), y, np.arange(len(x)), "memory", "")
     with Trajectory(path) as trajectory:
@@ -104,6 +106,7 @@ def explain(
             tolerance,
             256,
             classes,
+            projection,
         )
     return Explained(f_start, f_stop, result)
 

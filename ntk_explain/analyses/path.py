@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 
 from ntk_explain.analyses.segments import Panels, Quadrature, Segment, integrated_jacobians, integrated_slopes, refine
+from ntk_explain.errors import BadInputError
+from ntk_explain.features.projections import Projection
 from ntk_explain.loading.adapter import Batch
 from ntk_explain.trajectory.optimizers import Coefficients
 
@@ -54,8 +56,8 @@ class Step:
 class TileExplanation:
     """A tile's contributions A (T, N) of each point's explained class (T, N, C with every class), their sum over the
     training points Σ_i A (T, C) of every class (by linearity, −Σ_s Ĵ_s m_s with m_s the steps' gradient parts), the
-    path kernel (T, N), the weight-decay part D (T, C), each window step's quadrature error (T, S_window; the largest
-    over classes) and the panels used over the window (T,)."""
+    path kernel (T, N), the weight-decay part D (T, C), each window step's residual f_{w_{s+1}} − f_{w_s} + Ĵ_s (m_s +
+    d_s) (T, S_window; the largest over classes) and the panels used over the window (T,)."""
 
     contributions: Tensor
     change: Tensor
@@ -109,13 +111,16 @@ def _add_batch(
     chunk: int,
     groups: list[tuple[int, Tensor]] | None,
     result: TileExplanation,
+    projection: Projection | None,
 ) -> None:
-    """For the batch of step r, with E_r = scale · `effective` (T, K, P): A(x, i) −= ρ E_r(x) J(x_i)ᵀ ℓ'_i and
+    """For the batch of step r, with E_r = scale · `effective` (T, K, P; R E_r, T × K × d, with a projection R, and
+    so R J(x_i)): A(x, i) −= ρ E_r(x) J(x_i)ᵀ ℓ'_i and
     K_path(x, x_i) += ρ tr[E_r(x) J(x_i)ᵀ] with every class (K = C, `groups` None); with the explained class alone
     (K = 1, `groups`: each class with its tile rows) A of that class and the class's own K_path(x, x_i) += ρ E_r(x)
     J_c(x_i)ᵀ."""
     t, k, p = effective.shape
     for rows, jacobians, derivative in _batch_gradients(step, chunk):
+        jacobians = _projected(projection, jacobians)
         gradients = torch.einsum("bcp,bc->bp", jacobians, derivative)  # ρ J(x_i)ᵀ ℓ'_i
         if groups is None:
             result.contributions.index_add_(1, rows, torch.einsum("tcp,bp->tbc", effective, gradients), alpha=-scale)
@@ -145,11 +150,13 @@ def explain_tile(
     tolerance: Tensor,
     chunk: int,
     classes: Tensor | None = None,
+    projection: Projection | None = None,
 ) -> TileExplanation:
     """The path kernel of the points of `tile` (T rows) over `n_train` training points: the steps of the window
     (`window` of them) and the earlier ones whose gradients reach into it, given first to last (`forward`) and last
     to first (`backward`). `tolerance` (T,) bounds each quadrature panel's error, `chunk` the Jacobians formed at
-    once; `classes` (T,) the class whose contributions are kept per point (None: every class)."""
+    once; `classes` (T,) the class whose contributions are kept per point (None: every class); `projection` R: the
+    unbiased projected contributions and kernel (`_backward`; the class sums and the decay stay exact)."""
     f_start, panels, result = None, {}, None
     m_buffer: Tensor | None = None  # Σ_{r≤s} γ'_{s,r} ∇L_r, the momentum of the gradient parts (b_s, μ_{s−1})
     d_buffer: Tensor | None = None  # the same of the coupled weight decay λ_c ⊙ w_r
@@ -184,8 +191,32 @@ def explain_tile(
         f_start = f_stop
     if result is None:
         raise ValueError("explain_tile needs at least one step in the window")
-    _backward(tile, backward, panels, quadrature, chunk, classes, result)
+    _backward(tile, backward, panels, quadrature, chunk, classes, result, projection)
     return result
+
+
+def _projected(projection: Projection | None, values: Tensor) -> Tensor:
+    """R values (..., d) of values (..., P), or the values themselves without a projection."""
+    if projection is None:
+        return values
+    out = values.new_zeros((*values.shape[:-1], projection.dim))
+    projection.add_projection(out, values, 0)
+    return out
+
+
+def _momentum(c: Coefficients, projection: Projection | None) -> tuple[Tensor | float, Tensor | float, Tensor | float]:
+    """μ, a and b of a step: vectors (P,), or with a projection the one value each must take for R to commute with
+    the recursion (BadInputError when a param group differs)."""
+    if projection is None:
+        return c.mu, c.a, c.b
+    values = [_uniform(v) for v in (c.mu, c.a, c.b)]
+    if any(v is None for v in values):
+        raise BadInputError("--projection needs one momentum, dampening and nesterov setting for every parameter")
+    return tuple(values)
+
+
+def _any(value: Tensor | float) -> bool:
+    return bool(value.any()) if isinstance(value, Tensor) else value != 0
 
 
 def _backward(
@@ -196,10 +227,13 @@ def _backward(
     chunk: int,
     classes: Tensor | None,
     result: TileExplanation,
+    projection: Projection | None,
 ) -> None:
     """The contributions and the path kernel, steps last first: V_s = η_s P_s ⊙ Ĵ_s on the window steps' `panels`
     (of the explained class u = e_c alone when `classes` are given), H_s = V_s + μ ⊙ H_{s+1} in place, E_s = a ⊙ V_s
-    + b_s ⊙ H_s formed only where a ≠ 0 or b varies."""
+    + b_s ⊙ H_s formed only where a ≠ 0 or b varies. With a `projection` R (E[RᵀR] = I) every V_s and batch Jacobian
+    is projected as it is formed, the recursion runs on R V_s (μ, a, b one value each), and A(x, i), K_path are the
+    unbiased estimates from ⟨R E_r(x), R J(x_i)⟩."""
     carried: Tensor | None = None  # H_{s+1}
     cotangents, groups, points = None, None, chunk  # points: of a pass of test-side Jacobians, as big as chunk×C×P
     if classes is not None:
@@ -208,22 +242,29 @@ def _backward(
         groups = [(int(c), (classes == c).nonzero().squeeze(1)) for c in torch.unique(classes)]
     for step in steps:
         segment, c = step.segment, step.coefficients
+        mu, a, b = _momentum(c, projection)
         scaled = None
         if step.in_window:
-            integrated = integrated_jacobians(quadrature, segment, tile, panels[step.index], points, cotangents)
-            scaled = integrated.mul_(c.eta * c.precondition)  # V_s
-        if carried is not None and bool(c.mu.any()):
-            carried = carried.mul_(c.mu) if scaled is None else carried.mul_(c.mu).add_(scaled)
+            rate = c.eta * c.precondition
+
+            def reduce(part: Tensor, rate: Tensor = rate) -> Tensor:
+                return _projected(projection, part.mul_(rate))
+
+            scaled = integrated_jacobians(  # V_s
+                quadrature, segment, tile, panels[step.index], points, cotangents, reduce
+            )
+        if carried is not None and _any(mu):
+            carried = carried.mul_(mu) if scaled is None else carried.mul_(mu).add_(scaled)
         else:
             carried = scaled
         if carried is None:
             break
-        b = _uniform(c.b)
-        if b is not None and (scaled is None or not bool(c.a.any())):
-            effective, scale = carried, b
+        uniform = b if projection is not None else _uniform(b)
+        if uniform is not None and (scaled is None or not _any(a)):
+            effective, scale = carried, uniform
         else:
-            effective, scale = (c.b * carried if scaled is None else c.a * scaled + c.b * carried), 1.0
-        _add_batch(effective, scale, step, chunk, groups, result)
+            effective, scale = (b * carried if scaled is None else a * scaled + b * carried), 1.0
+        _add_batch(effective, scale, step, chunk, groups, result, projection)
 
 
 def empty_explanation(

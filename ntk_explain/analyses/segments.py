@@ -14,11 +14,13 @@ added in place (`features.jacobian`); per-point weights (split panels) take `vma
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.func import jacrev, jvp, vmap
 
 from ntk_explain.features.jacobian import summed_jacobian
@@ -87,17 +89,17 @@ class Segment:
             params = {n: self.start[n] + tk * d for n, d in self.delta.items()}
             return jvp(lambda p: self._one({**p, **self.constants}, arrays, batch.keyword), (params,), (tangent,))
 
-        if not t.dim():  # one t for every point: batched JVPs of the model (its samples independent)
-            params = self.weights(t)
-            parts = [
-                jvp(
-                    lambda p, rows=rows: self.net.functional({**p, **self.constants}, batch[rows]),
-                    (params,),
-                    (tangent,),
-                )
-                for rows in _pieces(len(batch), self.chunk)
-            ]
-            return torch.cat([v for v, _ in parts]), torch.cat([d for _, d in parts])
+        if not t.dim():  # one t for every point: batched JVPs of the model (its samples independent), by dual numbers
+            values, slopes = [], []
+            with torch.no_grad(), forward_ad.dual_level():
+                params = {n: forward_ad.make_dual(w, tangent[n]) for n, w in self.weights(t).items()}
+                for rows in _pieces(len(batch), self.chunk):
+                    value, slope = forward_ad.unpack_dual(
+                        self.net.functional({**params, **self.constants}, batch[rows])
+                    )
+                    values.append(value)
+                    slopes.append(slope)
+            return torch.cat(values), torch.cat(slopes)
         if len(shared := torch.unique(t)) * SHARED <= len(t):  # few distinct t: each one's weights shared
             values, slopes = None, None
             for value in shared:
@@ -297,13 +299,21 @@ def _merged(
 
 
 def integrated_jacobians(
-    quadrature: Quadrature, segment: Segment, batch: Batch, panels: Panels, chunk: int, cotangents: Tensor | None = None
+    quadrature: Quadrature,
+    segment: Segment,
+    batch: Batch,
+    panels: Panels,
+    chunk: int,
+    cotangents: Tensor | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Ĵ(x) = Σ_panels (b−a) Σ_q ω_q J_{w(a + (b−a) t_q)}(x) (T, C, P) of every point on its panels, `chunk` Jacobians
-    at a time; with `cotangents` u (T, K, C) that of u f (T, K, P). Points of the one panel [0, 1] share each node's
-    weights; the nodes of split panels go per point."""
+    at a time; with `cotangents` u (T, K, C) that of u f (T, K, P); `reduce`, a linear map of the last axis (a scaling,
+    a projection), applied to each chunk as it is formed. Points of the one panel [0, 1] share each node's weights; the
+    nodes of split panels go per point."""
     dtype = next(iter(segment.start.values())).dtype
     nodes, weights = quadrature.rule(dtype, batch.device)
+    reduce = reduce or (lambda values: values)
 
     def of(rows: Tensor | slice) -> Tensor | None:
         return None if cotangents is None else cotangents[rows]
@@ -312,7 +322,7 @@ def integrated_jacobians(
     total: Tensor | None = None
     if len(whole) == len(panels):  # every point on the one panel: each chunk written in place
         for rows in _pieces(len(panels), chunk):
-            part = segment.summed_jacobians(batch[rows], nodes, weights, of(rows))
+            part = reduce(segment.summed_jacobians(batch[rows], nodes, weights, of(rows)))
             if rows.stop - rows.start == len(panels):
                 return part
             total = part.new_empty((len(panels), *part.shape[1:])) if total is None else total
@@ -320,12 +330,13 @@ def integrated_jacobians(
         return total
     for rows in whole.split(chunk) if len(whole) else ():
         rows = rows.to(batch.device)
-        total = _added(total, segment.summed_jacobians(batch[rows], nodes, weights, of(rows)), rows, len(panels))
+        part = reduce(segment.summed_jacobians(batch[rows], nodes, weights, of(rows)))
+        total = _added(total, part, rows, len(panels))
     point, t, w = _split_nodes(quadrature, panels, nodes, weights)
     for part in torch.arange(len(point)).split(chunk):
         rows = point[part.to(point.device)]
         jacobians = segment.jacobians(batch[rows], t[part.to(t.device)], of(rows))
-        total = _added(total, w[part.to(w.device), None, None] * jacobians, rows, len(panels))
+        total = _added(total, reduce(w[part.to(w.device), None, None] * jacobians), rows, len(panels))
     if total is None:
         raise ValueError("no panels")
     return total

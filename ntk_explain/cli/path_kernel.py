@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ntk_explain.cli.app import Output, app, progress_bar, report, reported
-from ntk_explain.cli.options import with_execution, with_inputs, with_resources
+from ntk_explain.cli.options import Seed, with_execution, with_inputs, with_resources
 from ntk_explain.errors import UsageError
 from ntk_explain.options import InputSpec, PathSpec, Resources, Shard, step_window
 from ntk_explain.stages.execution import Execution
@@ -59,11 +59,19 @@ def path_kernel(
     depth: Annotated[
         int, typer.Option(help="Most levels of splitting a failing panel in 4 (0: never split).", min=0)
     ] = 40,
+    projection: Annotated[
+        str, typer.Option(help="none, or sparse: unbiased contributions from CountSketched Jacobians.")
+    ] = "none",
+    proj_dim: Annotated[int, typer.Option(help="Rows of the projection.", min=1)] = 10240,
+    seed: Seed = 0,
 ) -> None:
     """The exact path kernel of a recorded training: each training point's contribution to each prediction."""
     if (out is None) == (run is None):
         raise UsageError("give one of --out (a new run file) or --run (an existing one)")
-    spec = PathSpec(str(trajectory), nodes, step_window(steps), all_classes, top_k, tolerance, depth, panels)
+    window = step_window(steps)
+    spec = PathSpec(
+        str(trajectory), nodes, window, all_classes, top_k, tolerance, depth, panels, projection, proj_dim, seed
+    )
     from ntk_explain.stages.path_kernel import path_kernel as run_path_kernel  # after the checks: it loads torch
 
     target = out if out is not None else run

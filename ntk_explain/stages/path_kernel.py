@@ -23,6 +23,7 @@ from ntk_explain.analyses.path import TileExplanation, empty_explanation, explai
 from ntk_explain.analyses.segments import Quadrature, panel_tolerance
 from ntk_explain.errors import BadInputError, OutOfMemoryError
 from ntk_explain.features.plan import TangentPlan
+from ntk_explain.features.projections import Projection
 from ntk_explain.loading.adapter import Batch
 from ntk_explain.loading.files import sha256_file
 from ntk_explain.options import Budget, InputSpec, PathSpec, Resources, Shard
@@ -62,15 +63,15 @@ class _Work:
 
 
 def _sizes(
-    n: int, n_train: int, classes: int, explained: int, n_params: int, itemsize: int, budget: Budget
+    n: int, n_train: int, classes: int, explained: int, n_params: int, width: int, itemsize: int, budget: Budget
 ) -> tuple[int, int, int]:
-    """Rows per tile, Jacobians per pass and points per JVP: a tile keeps five T×K×P accumulators (K: the `explained`
-    classes, 1 or C) and its T×N×K contributions in half the budget (and, under torchrun, is at most a rank's share of
-    the rows unless --tile says); a pass of Jacobians (chunk×C×P, about three times over) an eighth, and a JVP of
-    points with their own weights (pairs×P, about four times over) another."""
+    """Rows per tile, Jacobians per pass and points per JVP: a tile keeps five T×K×W accumulators (K: the `explained`
+    classes, 1 or C; W: P, or the projection's rows) and its T×N×K contributions in half the budget (and, under
+    torchrun, is at most a rank's share of the rows unless --tile says); a pass of Jacobians (chunk×C×P, about three
+    times over) an eighth, and a JVP of points with their own weights (pairs×P, about four times over) another."""
     per_jacobian = classes * n_params * itemsize
     chunk, pairs = budget.bytes // (8 * 3 * per_jacobian), budget.bytes // (8 * 4 * n_params * itemsize)
-    tile = budget.bytes // (2 * explained * (5 * n_params + n_train) * itemsize)
+    tile = budget.bytes // (2 * explained * (5 * width + n_train) * itemsize)
     if min(chunk, pairs, tile) < 1:
         raise OutOfMemoryError(f"one Jacobian ({per_jacobian / 2**20:.0f} MiB) does not fit; raise --max-memory")
     tile = budget.tile or min(tile, -(-n // budget.shard.world))  # under torchrun, a tile for each rank at least
@@ -154,6 +155,7 @@ def _work(loaded: Inputs, trajectory: Trajectory, span: Window, spec: PathSpec, 
         classes,
         classes if spec.all_classes else 1,
         n_params,
+        n_params if spec.projection == "none" else spec.proj_dim,
         itemsize,
         loaded.budget,
     )
@@ -263,7 +265,10 @@ def _explain(work: _Work, spec: PathSpec, rows: slice, predicted: np.ndarray) ->
     classes = None if spec.all_classes else torch.from_numpy(predicted[rows]).to(device)
     tolerance = work.tolerance[rows].to(device)
     n = len(train.inputs)
-    return explain_tile(tile, forward, backward, n, work.span.size, work.quadrature, tolerance, work.chunk, classes)
+    projection = None if spec.projection == "none" else Projection(spec.projection, spec.proj_dim, spec.seed)
+    return explain_tile(
+        tile, forward, backward, n, work.span.size, work.quadrature, tolerance, work.chunk, classes, projection
+    )
 
 
 def _fields(result: TileExplanation) -> list[Tensor]:
@@ -374,6 +379,8 @@ def _finish(group: store.H5Group, work: _Work, spec: PathSpec, request: dict) ->
         "trajectory": str(work.trajectory.path),
         "all_classes": spec.all_classes,
         "kernel": "trace" if spec.all_classes else "class",
+        "projection": spec.projection,
+        **({"proj_dim": spec.proj_dim, "seed": spec.seed} if spec.projection != "none" else {}),
         "max_residual": float(residual),
         "relative_residual": float(residual / change) if change else 0.0,
         "mean_panels_per_step": float(group["panels"][()].mean() / work.span.size),

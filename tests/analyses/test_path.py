@@ -14,6 +14,7 @@ from scipy.integrate import fixed_quad
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from ntk_explain.features.projections import Projection
 from ntk_explain.loading.zoo import make_mlp
 from tests.models import cnn, mlp
 from tests.trajectories import explain, optimizers, record
@@ -171,3 +172,29 @@ def test_the_explained_class_alone_and_every_class_agree(tmp_path: Path) -> None
     each = [explain(path, model, x, y, test, depth=0, classes=torch.full((len(test),), c)).result for c in range(3)]
     assert torch.allclose(sum(r.kernel for r in each), every.result.kernel, rtol=0, atol=1e-13)
     assert not torch.allclose(each[0].kernel, every.result.kernel, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam"])
+def test_projected_contributions_are_unbiased(tmp_path: Path, name: str) -> None:
+    """--projection sparse: the mean over seeds of the CountSketched contributions and kernel tends to the exact ones
+    (within 4.5 standard errors everywhere), each seed's alone is off, and more rows make it closer; with momentum and
+    with Adam's elementwise preconditioner (applied before the projection)."""
+    x, y, test = _data((6,), 16)
+    model = mlp()
+    path = record(tmp_path / "t.h5", model, optimizers()[name](model), x, y, 8, 4)
+    classes = torch.arange(len(test)) % 3
+    exact = explain(path, model, x, y, test, depth=0, classes=classes).result
+    seeds = [
+        explain(path, model, x, y, test, depth=0, classes=classes, projection=Projection("sparse", 24, seed))
+        for seed in range(48)
+    ]
+    for field in ("contributions", "kernel"):
+        values = torch.stack([getattr(s.result, field) for s in seeds])
+        mean, error = values.mean(0), values.std(0) / len(seeds) ** 0.5
+        truth = getattr(exact, field)
+        assert bool(((mean - truth).abs() <= 4.5 * error + 1e-12).all()), field
+        assert float((values[0] - truth).abs().max()) > 1e-3 * float(truth.abs().max())
+    wide = explain(path, model, x, y, test, depth=0, classes=classes, projection=Projection("sparse", 1024, 0)).result
+    narrow = (seeds[0].result.contributions - exact.contributions).abs().mean()
+    assert (wide.contributions - exact.contributions).abs().mean() < narrow / 2
+    assert torch.equal(seeds[0].result.change, exact.change)  # the class sums stay exact
