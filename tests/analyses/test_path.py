@@ -14,6 +14,7 @@ from scipy.integrate import fixed_quad
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from ntk_explain.errors import BadInputError
 from ntk_explain.features.projections import Projection
 from ntk_explain.loading.zoo import make_mlp
 from tests.models import cnn, mlp
@@ -198,3 +199,15 @@ def test_projected_contributions_are_unbiased(tmp_path: Path, name: str) -> None
     narrow = (seeds[0].result.contributions - exact.contributions).abs().mean()
     assert (wide.contributions - exact.contributions).abs().mean() < narrow / 2
     assert torch.equal(seeds[0].result.change, exact.change)  # the class sums stay exact
+
+
+def test_a_projection_refuses_param_groups_of_other_momenta(tmp_path: Path) -> None:
+    """R commutes with the recursion only when μ, a and b are one value each: other groups' momenta are refused."""
+    x, y, test = _data((6,), 8)
+    model = mlp()
+    first, *rest = model.parameters()
+    groups = [{"params": [first], "momentum": 0.9}, {"params": rest, "momentum": 0.5}]
+    path = record(tmp_path / "t.h5", model, torch.optim.SGD(groups, lr=0.05), x, y, 4, 4)
+    assert explain(path, model, x, y, test, depth=0).relative_residual <= EXACT  # exact, it is followed
+    with pytest.raises(BadInputError, match="one momentum"):
+        explain(path, model, x, y, test, depth=0, projection=Projection("sparse", 16, 0))
