@@ -93,9 +93,9 @@ def loss_gradient(step: Step, chunk: int) -> Tensor:
     """∇L_s(w_s) = ρ Σ_{i∈B_s} J_{w_s}(x_i)ᵀ ℓ'_i (P,) of the step's batch loss, by backward passes of `chunk`
     points."""
     segment, total = step.segment, None
+    params = {name: p.detach().requires_grad_() for name, p in segment.start.items()}
     for start in range(0, len(step.inputs), chunk):
         with torch.enable_grad():
-            params = {name: p.detach().requires_grad_() for name, p in segment.start.items()}
             logits = segment.net.functional({**params, **segment.constants}, step.inputs[start : start + chunk])
             labels = step.labels[start : start + chunk]
             loss = step.scale * torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
@@ -134,8 +134,11 @@ def _add_batch(
         result.kernel.index_add_(1, rows, kernel, alpha=scale * step.scale)
 
 
-def _uniform(values: Tensor) -> float | None:
-    """The one value of a coefficient vector, or None when it varies (param groups of other settings)."""
+def _uniform(values: Tensor | float) -> float | None:
+    """The one value of a coefficient vector (or a value itself), or None when it varies (param groups of other
+    settings)."""
+    if not isinstance(values, Tensor):
+        return values
     first = values[0]
     return float(first) if bool((values == first).all()) else None
 
@@ -184,7 +187,8 @@ def explain_tile(
         result.panels += torch.as_tensor([len(p) for p in pieces], device=w.device)
         decay = None
         if bool(decay_part.any()):
-            decay = -integrated_slopes(quadrature, segment, tile, pieces, _shaped(decay_part, segment.start))
+            along = replace(segment, direction=_shaped(decay_part, segment.start))
+            decay = -integrated_slopes(quadrature, along, tile, pieces)
             result.decay += decay
         change = f_stop - f_start - error  # Ĵ_s v = −Ĵ_s m_s − Ĵ_s d_s
         result.change += change if decay is None else change - decay
@@ -259,7 +263,7 @@ def _backward(
             carried = scaled
         if carried is None:
             break
-        uniform = b if projection is not None else _uniform(b)
+        uniform = _uniform(b)
         if uniform is not None and (scaled is None or not _any(a)):
             effective, scale = carried, uniform
         else:

@@ -77,13 +77,10 @@ class Segment:
         with torch.no_grad():
             return self.net.functional({**self.weights(t), **self.constants}, batch)
 
-    def values_and_slopes(
-        self, batch: Batch, t: Tensor, tangent: dict[str, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """f(w(t_k), x_k) and J_{w(t_k)}(x_k) v (K, C) each, v = `tangent` (name → tensor; by default the segment's
-        `direction`, or Δw: the slope d/dt f(w(t), x_k)): `t` (K,) per point, or one shared value (0-d)."""
-        if tangent is None:
-            tangent = self.delta if self.direction is None else self.direction
+    def values_and_slopes(self, batch: Batch, t: Tensor) -> tuple[Tensor, Tensor]:
+        """f(w(t_k), x_k) and J_{w(t_k)}(x_k) v (K, C) each, v the segment's `direction` (by default Δw: the slope
+        d/dt f(w(t), x_k)): `t` (K,) per point, or one shared value (0-d)."""
+        tangent = self.delta if self.direction is None else self.direction
 
         def one(tk: Tensor, arrays: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             params = {n: self.start[n] + tk * d for n, d in self.delta.items()}
@@ -104,7 +101,7 @@ class Segment:
             values, slopes = None, None
             for value in shared:
                 rows = (t == value).nonzero().squeeze(1)
-                v, d = self.values_and_slopes(batch[rows], value, tangent)
+                v, d = self.values_and_slopes(batch[rows], value)
                 values = v.new_empty((len(t), *v.shape[1:])) if values is None else values
                 slopes = d.new_empty((len(t), *d.shape[1:])) if slopes is None else slopes
                 values[rows], slopes[rows] = v, d
@@ -201,10 +198,8 @@ def refine(
 ) -> tuple[Panels, Tensor]:
     """Each point's panels of [0, 1] and the error of its quadrature on them (T, C): f1 − f0 (the values at w_s and
     w_{s+1}) minus the summed panel estimates. `tolerance` (T,): the largest error a panel may keep."""
-    nodes, weights = quadrature.rule(f0.dtype, f0.device)
-    slopes = torch.stack([segment.values_and_slopes(batch, node)[1] for node in nodes])  # shared nodes: one panel
-    errors = f1 - f0 - torch.einsum("q,qtc->tc", weights, slopes)
     panels: Panels = [[(0.0, 1.0)] for _ in range(len(f0))]
+    errors = f1 - f0 - integrated_slopes(quadrature, segment, batch, panels)  # shared nodes: one panel
     failing = [i for i in range(len(f0)) if quadrature.depth and not _within(errors[i], tolerance, i)]
     active = [Piece(i, 0.0, 1.0, f0[i], f1[i], errors[i]) for i in failing]
     kept: dict[int, list[Piece]] = {i: [] for i in failing}
@@ -354,23 +349,19 @@ def _split_nodes(
     return point.repeat_interleave(quadrature.size), (a + width * nodes).reshape(-1), (width * weights).reshape(-1)
 
 
-def integrated_slopes(
-    quadrature: Quadrature, segment: Segment, batch: Batch, panels: Panels, tangent: dict[str, Tensor]
-) -> Tensor:
-    """Ĵ(x) v (T, C) of every point on its panels, for one direction v (name → tensor) of the trained parameters: the
-    JVPs at the nodes of `integrated_jacobians`, weighted alike (so Ĵ(x) v of Ĵ(x) formed there, to rounding)."""
+def integrated_slopes(quadrature: Quadrature, segment: Segment, batch: Batch, panels: Panels) -> Tensor:
+    """Ĵ(x) v (T, C) of every point on its panels, v the segment's `direction`: the JVPs at the nodes of
+    `integrated_jacobians`, weighted alike (so Ĵ(x) v of Ĵ(x) formed there, to rounding)."""
     nodes, weights = quadrature.rule(next(iter(segment.start.values())).dtype, batch.device)
     whole = torch.as_tensor([i for i, p in enumerate(panels) if p == [(0.0, 1.0)]], dtype=torch.long)
     whole = whole.to(batch.device)
     total: Tensor | None = None
     if len(whole):
-        part = sum(
-            w * segment.values_and_slopes(batch[whole], t, tangent)[1] for t, w in zip(nodes, weights, strict=True)
-        )
+        part = sum(w * segment.values_and_slopes(batch[whole], t)[1] for t, w in zip(nodes, weights, strict=True))
         total = _added(total, part, whole, len(panels))
     point, t, w = _split_nodes(quadrature, panels, nodes, weights)
     if len(point):
-        total = _added(total, w[:, None] * segment.values_and_slopes(batch[point], t, tangent)[1], point, len(panels))
+        total = _added(total, w[:, None] * segment.values_and_slopes(batch[point], t)[1], point, len(panels))
     if total is None:
         raise ValueError("no panels")
     return total
